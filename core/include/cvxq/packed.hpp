@@ -36,9 +36,43 @@ void matmul(const PackedView& v, const float* x, int64_t batch, float* y,
 // Plain references: bit-by-bit decoding, no SIMD, no tiles. For tests.
 void unpack_indices_reference(const PackedView& v, uint8_t* idx);
 void dequantize_reference(const PackedView& v, float* out);
+// dequantize_reference followed by dot products accumulated in double.
+void matmul_reference(const PackedView& v, const float* x, int64_t batch, float* y);
 
-// Depth maps on disk: two depths per byte (low nibble first).
+// Depth maps on disk: two depths per byte (low nibble first). pack_nibbles throws
+// ValueError for a value above 15 (it would not fit in a nibble).
 void pack_nibbles(const uint8_t* depth, int64_t n, uint8_t* out /* [(n + 1) / 2] */);
 void unpack_nibbles(const uint8_t* in, int64_t n, uint8_t* depth /* [n] */);
+
+// Shared by packed.cpp and the per-ISA kernel files; not part of the public API.
+namespace detail {
+
+// One (cluster, column tile) block of a validated layer, resolved so that a kernel only
+// streams words: where each column's group starts, its depth, its table and parameters.
+struct TileBlock {
+  int ncols = 0;        // columns in this tile (<= kTileCols)
+  int64_t slices = 0;   // 32-row slices in the cluster
+  const uint32_t* group[kTileCols];  // first payload word of each column's group
+  int bits[kTileCols];
+  const float* table[kTileCols];     // table + table_offset(bits)
+  float loc[kTileCols], scale[kTileCols];
+};
+
+// Dequantizes one 32-row slice across a cluster's tiles (blocks[t] covers columns
+// t * kTileCols...): rows[i] (i < 32) points at the output row of the slice's row i, or is
+// null for a padding row. Values: loc + scale * T[k], rounded exactly like that expression.
+using DequantizeSliceFn = void (*)(const TileBlock* blocks, int64_t n_blocks, int64_t slice,
+                                   float* const* rows);
+// acc[v * acc_stride + i] += sum_j xs[v * kTileCols + j] * T_j[k(i, j)] for v < nb and the
+// cluster rows i (xs already holds x * scale; loc is handled by the caller).
+using MatmulBlockFn = void (*)(const TileBlock& b, const float* xs, int nb, float* acc,
+                               int64_t acc_stride);
+
+void dequantize_slice_avx2(const TileBlock* blocks, int64_t n_blocks, int64_t slice,
+                           float* const* rows);
+void matmul_block_avx2(const TileBlock& b, const float* xs, int nb, float* acc,
+                       int64_t acc_stride);
+
+}  // namespace detail
 
 }  // namespace cvxq

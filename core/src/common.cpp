@@ -20,26 +20,43 @@ void parallel_chunks(int64_t n, int64_t chunk, int64_t serial_below, const Contr
   if (n <= 0) return;
   chunk = std::max<int64_t>(1, chunk);
   const int64_t n_chunks = (n + chunk - 1) / chunk;
-  // Work is cut into waves so the calling thread can poll cancel and report progress
-  // between them without calling back from worker threads.
-  const int64_t wave = std::max<int64_t>(1, (int64_t)max_threads() * 4);
+  // One parallel region; threads take chunks from a shared counter (no barrier between
+  // waves, so a descheduled thread does not hold the others up). Any thread stops taking
+  // work once cancel is set or an error occurred; only the calling thread (the master)
+  // reports progress, so callbacks never run on a worker thread.
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> finished{0};
   ExceptionCollector errors;
-  int64_t done = 0;
-  for (int64_t w0 = 0; w0 < n_chunks; w0 += wave) {
-    ctl.check();
-    const int64_t w1 = std::min(n_chunks, w0 + wave);
-#pragma omp parallel for schedule(dynamic, 1) if (n > serial_below)
-    for (int64_t c = w0; c < w1; ++c) {
+  const bool parallel = n > serial_below && max_threads() > 1;
+  auto worker = [&](bool is_master) {
+    for (;;) {
+      if (errors.failed() || ctl.cancelled()) return;
+      const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
+      if (c >= n_chunks) return;
       errors.run([&] {
         const int64_t b = c * chunk;
         body(b, std::min(n, b + chunk));
       });
+      const int64_t done = finished.fetch_add(1, std::memory_order_relaxed) + 1;
+      if (is_master && stage && !errors.failed())
+        errors.run([&] { ctl.report(stage, std::min(n, done * chunk), n); });
     }
-    errors.rethrow();
-    done = std::min(n, w1 * chunk);
-    if (stage) ctl.report(stage, done, n);
+  };
+  if (parallel) {
+#pragma omp parallel
+    {
+#ifdef _OPENMP
+      worker(omp_get_thread_num() == 0);
+#else
+      worker(true);
+#endif
+    }
+  } else {
+    worker(true);
   }
+  errors.rethrow();
   ctl.check();
+  if (stage) ctl.report(stage, n, n);
 }
 
 }  // namespace cvxq

@@ -131,8 +131,8 @@ void bind_quantize(nb::module_& m) {
   m.def(
       "error_curves",
       [](Arr2<const float> x, const std::string& kind, const Table& table, float grid_range,
-         float grid_step, int search_rounds, bool fp16_params, CancelFlag* cancel,
-         const std::optional<ProgressFn>& progress) {
+         float grid_step, int search_rounds, bool fp16_params, int measured_max_depth,
+         CancelFlag* cancel, const std::optional<ProgressFn>& progress) {
         const int64_t g = (int64_t)x.shape(0), len = (int64_t)x.shape(1);
         const QuantSpec spec = make_spec(kind, grid_range, grid_step, search_rounds, fp16_params);
         const float* tp = table_ptr(spec.kind, table);
@@ -140,14 +140,14 @@ void bind_quantize(nb::module_& m) {
         OutBuf<float> curve({(size_t)g, 9});
         {
           nb::gil_scoped_release release;
-          error_curves(x.data(), g, len, spec, tp, curve.get(), ctl);
+          error_curves(x.data(), g, len, spec, tp, curve.get(), ctl, measured_max_depth);
         }
         return curve.release();
       },
-      nb::arg("x").noconvert(), nb::kw_only(), CVXQ_SPEC_ARGS, nb::arg("cancel").none() = nb::none(),
-      nb::arg("progress") = nb::none(),
+      nb::arg("x").noconvert(), nb::kw_only(), CVXQ_SPEC_ARGS, nb::arg("measured_max_depth") = 8,
+      nb::arg("cancel").none() = nb::none(), nb::arg("progress") = nb::none(),
       "Squared error of every group at every depth B = 0..8 after the parameter search: "
-      "float32[G, 9].");
+      "float32[G, 9]. Depths above measured_max_depth are extrapolated (error / 4 per bit).");
 
   m.def(
       "fit_lloyd_table",

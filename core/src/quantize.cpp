@@ -445,17 +445,23 @@ void quantize_groups_reference(const float* x, int64_t n_groups, int64_t len,
 }
 
 void error_curves(const float* x, int64_t n_groups, int64_t len, const QuantSpec& spec,
-                  const float* table, float* curve, const Control& ctl) {
+                  const float* table, float* curve, const Control& ctl,
+                  int measured_max_depth) {
   check_inputs("error_curves", x, n_groups, len, nullptr);
+  if (measured_max_depth < 0 || measured_max_depth >= kDepths)
+    throw ValueError("error_curves: measured_max_depth must be in 0..8, got " + s(measured_max_depth));
   const Setup st = make_setup(spec, table);
   const Kernels kr = fast_kernels();
   const int64_t chunk = std::max<int64_t>(1, groups_per_chunk(len) / kDepths);
   parallel_chunks(n_groups, chunk, 2, ctl, "error_curves", [&](int64_t g0, int64_t g1) {
     std::vector<float> scratch;
-    for (int64_t g = g0; g < g1; ++g)
-      for (int b = 0; b < kDepths; ++b)
-        curve[g * kDepths + b] =
-            quantize_group(x + g * len, len, b, g, st, kr, scratch, nullptr, nullptr).err;
+    for (int64_t g = g0; g < g1; ++g) {
+      float* c = curve + g * kDepths;
+      for (int b = 0; b <= measured_max_depth; ++b)
+        c[b] = quantize_group(x + g * len, len, b, g, st, kr, scratch, nullptr, nullptr).err;
+      // Above it, high-rate theory: each further bit divides the error by 4.
+      for (int b = measured_max_depth + 1; b < kDepths; ++b) c[b] = c[b - 1] * 0.25f;
+    }
   });
 }
 

@@ -88,7 +88,8 @@ void quantize_groups(const float* x, int64_t n_groups, int64_t len, const uint8_
 // Measured error curve: curve[g, B] = least squared error of group g at depth B after the
 // same parameter search, for B = 0..8 (row-major [n_groups, 9]). Progress: "error_curves".
 void error_curves(const float* x, int64_t n_groups, int64_t len, const QuantSpec& spec,
-                  const float* table, float* curve, const Control& ctl = {});
+                  const float* table, float* curve, const Control& ctl = {},
+                  int measured_max_depth = 8);
 
 // Lloyd-Max: fit the table for depths 1..8 by 1-D k-means on standardised samples z
 // (z = (w - mu) / sigma of each group). table[kTableSize] is written (B = 0 entry is 0).

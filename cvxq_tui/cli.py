@@ -1,0 +1,163 @@
+"""The `cvxq-tui` command. With --batch it runs the job headless; without, it opens the
+Textual workstation (imported lazily, so batch mode never loads textual)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from .errors import CvxqError, ExitCode, InputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
+                  help="Compress a Hugging Face causal LM with CVXQ: every group of weights gets "
+                       "its own bit depth, chosen by a convex allocation under your size budget.")
+
+
+def _spec_from_options(**kw):
+    from .spec import JobSpec, parse_pin, parse_size
+
+    size = kw.pop("size")
+    pins = kw.pop("pin")
+    spec = JobSpec(**kw)
+    spec.size = parse_size(size) if size else None
+    spec.pin = [parse_pin(p) for p in pins]
+    return spec.validate()
+
+
+@app.callback(invoke_without_command=True)
+def main_command(
+    ctx: typer.Context,
+    batch: Annotated[bool, typer.Option("--batch", help="Run headless (no TUI): progress on stderr, report at the end.")] = False,
+    model: Annotated[Optional[str], typer.Option(help="HF model folder (safetensors/.bin) or .gguf file. Default: the built-in SmolLM2-135M.")] = None,
+    bits: Annotated[Optional[float], typer.Option(help="Budget: average bits per quantized weight, all-in (payload + side information). Default 3.0.")] = None,
+    size: Annotated[Optional[str], typer.Option(help="Budget as the model file size instead, e.g. 60MB or 58MiB.")] = None,
+    method: Annotated[str, typer.Option(help="cvxq (default), or the baselines rtn / gptq at the same all-in budget.")] = "cvxq",
+    text: Annotated[Optional[str], typer.Option(help="Calibration text: a file or a folder of text files. Default: built-in Python docs.")] = None,
+    eval_text: Annotated[Optional[str], typer.Option("--eval-text", help="Evaluation text file/folder. Default: built-in (disjoint from calibration).")] = None,
+    out: Annotated[str, typer.Option(help="Output folder for the packed model and report.json.")] = "cvxq-out",
+    include: Annotated[List[str], typer.Option(help="Quantize only layers matching this glob (repeatable).")] = [],
+    exclude: Annotated[List[str], typer.Option(help="Leave layers matching this glob unquantized (repeatable).")] = [],
+    pin: Annotated[List[str], typer.Option(help="GLOB=BITS: fix the depth of matching layers (repeatable).")] = [],
+    quantizer: Annotated[str, typer.Option(help="CVXQ codebook: laplace (companded), uniform or lloyd.")] = "laplace",
+    sensitivity: Annotated[str, typer.Option(help="Sensitivity estimator: fisher, grad (CVXQ paper) or hessian (no backprop).")] = "fisher",
+    group_rows: Annotated[int, typer.Option("--group-rows", help="Rows per CVXQ group (multiple of 32).")] = 64,
+    gptq_group: Annotated[int, typer.Option("--gptq-group", help="RTN/GPTQ group size along inputs; 0 = largest depth the budget allows.")] = 0,
+    calib_samples: Annotated[int, typer.Option("--calib-samples", help="Calibration sequences.")] = 32,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sequence.")] = 256,
+    eval_samples: Annotated[int, typer.Option("--eval-samples", help="Evaluation windows per text.")] = 40,
+    eval_seq_len: Annotated[int, typer.Option("--eval-seq-len", help="Tokens per evaluation window.")] = 512,
+    error_feedback: Annotated[bool, typer.Option("--error-feedback/--no-error-feedback", help="GPTQ-style error feedback inside CVXQ.")] = True,
+    bias_correction: Annotated[bool, typer.Option("--bias-correction/--no-bias-correction", help="Correct biases for the mean quantization error.")] = True,
+    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Measure perplexity before and after.")] = True,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+    seed: Annotated[int, typer.Option(help="Random seed (calibration signs, sampling).")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted job in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace whatever job --out holds.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the final report as JSON on stdout.")] = False,
+):
+    if ctx.invoked_subcommand:
+        return
+    spec = _spec_from_options(model=model, bits=bits, size=size, method=method, text=text, eval_text=eval_text,
+                              out=out, include=list(include), exclude=list(exclude), pin=list(pin),
+                              quantizer=quantizer, sensitivity=sensitivity, group_rows=group_rows,
+                              gptq_group=gptq_group, calib_samples=calib_samples, seq_len=seq_len,
+                              eval_samples=eval_samples, eval_seq_len=eval_seq_len,
+                              error_feedback=error_feedback, bias_correction=bias_correction,
+                              evaluate=evaluate, device=device, seed=seed, resume=resume, overwrite=overwrite)
+    if not batch:
+        raise InputError("the interactive workstation is not part of this version yet; "
+                         "run the same options with --batch")
+    _run_batch(spec, json_out)
+
+
+def _run_batch(spec, json_out: bool) -> None:
+    from rich.console import Console
+
+    from .batch import PlainRenderer, RichRenderer, summary_table
+    from .pipeline import CancelToken, run
+
+    console = Console(stderr=True)
+    cancel = CancelToken()
+    if console.is_terminal:
+        with RichRenderer(console) as r:
+            report = run(spec, r, cancel)
+    else:
+        report = run(spec, PlainRenderer(), cancel)
+    if json_out:
+        print(json.dumps(report, indent=2))
+    else:
+        Console().print(summary_table(report))
+
+
+@app.command("eval")
+def eval_command(
+    folder: Annotated[Path, typer.Argument(help="A cvxq-tui output folder or a plain HF model folder.")],
+    text: Annotated[Optional[str], typer.Option(help="Text file/folder. Default: the built-in evaluation text.")] = None,
+    samples: Annotated[int, typer.Option(help="Evaluation windows.")] = 40,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 512,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+):
+    """Perplexity of a packed (or plain) model on a text."""
+    from . import evaluate, models
+    from . import text as texts
+    from .packed import MODEL_FILE
+
+    if not folder.exists():
+        raise InputError(f"{folder} does not exist")
+    if (folder / MODEL_FILE).is_file() and (folder / "job.json").is_file():
+        from transformers import AutoTokenizer
+
+        from .runtime import load_quantized
+        model = load_quantized(folder)
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    else:
+        loaded = models.load_model(str(folder))
+        model, tok = loaded.model, loaded.tokenizer
+    body = texts.read_text(text) if text else texts.default_text("eval")
+    windows = texts.token_windows(tok, body, seq_len, None, purpose="evaluation")[:samples]
+    ppl = evaluate.perplexity(model, windows)
+    if json_out:
+        print(json.dumps({"perplexity": ppl, "windows": int(windows.shape[0]), "seq_len": seq_len}))
+    else:
+        print(f"perplexity {ppl:.4f} on {windows.shape[0]} windows of {seq_len} tokens")
+
+
+@app.command("export")
+def export_command(
+    folder: Annotated[Path, typer.Argument(help="A cvxq-tui output folder.")],
+    out: Annotated[Path, typer.Argument(help="Where to write the plain dequantized HF checkpoint.")],
+):
+    """Write a plain dequantized HF checkpoint that any runtime loads."""
+    from .runtime import export
+
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"{out} is not empty; choose a new folder")
+    export(folder, out)
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except CvxqError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(int(e.exit_code))
+    except KeyboardInterrupt:
+        print("interrupted; finished layers are kept: rerun with --resume to continue", file=sys.stderr)
+        sys.exit(int(ExitCode.INTERRUPTED))
+    except Exception as e:  # click usage errors and anything unexpected
+        import click
+
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(int(ExitCode.USAGE))
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(int(ExitCode.INTERRUPTED))
+        raise

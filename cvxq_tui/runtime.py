@@ -1,0 +1,139 @@
+"""Running packed models: a Linear that computes from the packed data, loading an output
+folder back into a transformers model, and exporting a plain dequantized checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .errors import FormatError, InputError
+from .packed import MODEL_FILE, PackedLinear, read_model_file
+
+# Up to this many rows of activations, the packed kernels decode weights on the fly; above
+# it one dense copy of this layer's weights is made for the product and dropped at once.
+KERNEL_MAX_BATCH = 16
+
+
+class QuantLinear(torch.nn.Module):
+    def __init__(self, packed: PackedLinear):
+        super().__init__()
+        self.packed = packed
+        self.in_features = packed.in_features
+        self.out_features = packed.out_features
+        b = packed.bias
+        self.bias = None if b is None else torch.nn.Parameter(torch.from_numpy(b.copy()), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.float32).contiguous()
+        if x2.shape[0] <= KERNEL_MAX_BATCH and not self.packed.transposed:
+            y = torch.from_numpy(self.packed.matmul(x2.detach().cpu().numpy()))
+        else:
+            w = torch.from_numpy(self.packed.dequantize())
+            y = x2 @ w.T
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"kind={self.packed.kind}, bits={8 * self.packed.nbytes() / (self.in_features * self.out_features):.3f}")
+
+
+def _set_module(model, name: str, module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def load_quantized(folder, device: str = "cpu"):
+    """A transformers model whose quantized layers run from the packed data."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    if device not in ("cpu", "auto"):
+        raise InputError(f"device {device!r}: packed models run on the CPU in this version "
+                         "(the CUDA kernels are not built yet); use device='cpu'")
+    if not (folder / "config.json").is_file():
+        raise FormatError(f"{folder} has no config.json: is it a cvxq-tui output folder?")
+    packed, rest, _meta = read_model_file(folder / MODEL_FILE)
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    for name, layer in packed.items():
+        _set_module(model, name, QuantLinear(layer))
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in rest.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected:
+        raise FormatError(f"{folder}: tensors the model does not have: {unexpected[:3]}")
+    model.tie_weights()
+    left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
+    if left:
+        # Buffers such as rotary inverse frequencies are not saved; rebuild them on the CPU.
+        _materialize_buffers(model, config)
+        left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+        if left:
+            raise FormatError(f"{folder}: weights missing from {MODEL_FILE}: {left[:3]}")
+    model.eval()
+    return model
+
+
+def _materialize_buffers(model, config) -> None:
+    from transformers import AutoModelForCausalLM
+
+    fresh = None
+    for name, buf in list(model.named_buffers()):
+        if buf.device.type != "meta":
+            continue
+        if fresh is None:
+            fresh = dict(AutoModelForCausalLM.from_config(config).named_buffers())
+        mod_name, _, attr = name.rpartition(".")
+        model.get_submodule(mod_name).register_buffer(attr, fresh[name].clone(), persistent=False)
+
+
+def dequantized_model(folder):
+    """A plain transformers model with every packed layer replaced by an nn.Linear."""
+    model = load_quantized(folder)
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, QuantLinear):
+            lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+            lin.weight.data = torch.from_numpy(mod.packed.dequantize())
+            if mod.bias is not None:
+                lin.bias.data = mod.bias.data.clone()
+            _set_module(model, name, lin)
+    return model
+
+
+def export(folder, out) -> Path:
+    """Write a plain dequantized HF checkpoint that any runtime loads."""
+    from transformers import AutoTokenizer
+
+    out = Path(out)
+    model = dequantized_model(folder)
+    has_bias = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.bias is not None}
+    cfg = model.config
+    if has_bias and getattr(cfg, "model_type", "") in ("llama", "mistral", "qwen2"):
+        # Bias correction created biases; Llama-family configs say where biases exist.
+        if hasattr(cfg, "attention_bias"):
+            cfg.attention_bias = True
+        if hasattr(cfg, "mlp_bias") or cfg.model_type == "llama":
+            cfg.mlp_bias = True
+        _zero_fill_biases(model)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(folder, local_files_only=True).save_pretrained(out)
+    return out
+
+
+def _zero_fill_biases(model) -> None:
+    """Give every Linear inside the decoder a bias (zeros where none was made) so the
+    config's bias flags hold for all of them."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and mod.bias is None and not name.endswith("lm_head"):
+            mod.bias = torch.nn.Parameter(torch.zeros(mod.out_features))

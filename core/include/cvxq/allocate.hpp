@@ -28,7 +28,10 @@ struct AllocProblem {
   // side_bits_per_group is set, [n_groups, 9]. Null means zero side information.
   const double* side_bits = nullptr;
   bool side_bits_per_group = false;
-  // Optional per-group bounds: pinned[g] >= 0 fixes the depth; min/max clamp it.
+  // Optional per-group bounds: pinned[g] >= 0 fixes the depth (overriding every other
+  // bound; negative means free); otherwise the allowed depths are
+  // [max(global_min_depth, min_depth[g]), min(global_max_depth, max_depth[g])].
+  // Inputs are read (and validated) only at allowed depths.
   const int8_t* pinned = nullptr;
   const int8_t* min_depth = nullptr;
   const int8_t* max_depth = nullptr;
@@ -40,15 +43,29 @@ struct AllocProblem {
 
 struct AllocResult {
   std::vector<int8_t> depth;  // [n_groups]
-  double log2_lambda = 0;     // slope of the Lagrangian at the solution
+  // log2 of the smallest multiplier whose Lagrangian point fits the budget: the slope
+  // (distortion saved per bit) of the steepest hull increment that point leaves out.
+  // -inf when every group is at its least-distortion depth.
+  double log2_lambda = 0;
   double total_bits = 0;      // payload + side information of the result
   double distortion = 0;      // modelled distortion of the result
-  double min_bits = 0;        // feasible range of the problem
+  // Feasible range: every group at its fewest-bits allowed depth, and every group at its
+  // least-distortion allowed depth (the end of its hull; for the model, its maximum depth).
+  double min_bits = 0;
   double max_bits = 0;
+  // The Lagrangian point before the greedy fix-up. It is optimal for its own size: no
+  // allocation of at most lagrangian_bits has less distortion than lagrangian_distortion.
+  double lagrangian_bits = 0;
+  double lagrangian_distortion = 0;
 };
 
-// Throws InfeasibleError (naming the feasible range) when the budget is below the
-// smallest or above the largest achievable total; ShapeError/ValueError on bad input.
+// Guarantees: total_bits <= budget_bits; distortion <= lagrangian_distortion; and
+// budget_bits - total_bits is less than the next hull increment of every group not at its
+// least-distortion depth (so less than one group's step). When every increment has the
+// same size (equal counts, side bits constant in B) and the curves are convex, the result
+// is optimal for the budget.
+// Throws InfeasibleError (naming the feasible range in bits and bits/weight) when the
+// budget is below min_bits or above max_bits; ValueError on bad input, naming the field.
 AllocResult allocate_bits(const AllocProblem& p, const Control& ctl = {});
 
 // Plain reference: bisection on lambda over each group's full depth list (no hulls, no

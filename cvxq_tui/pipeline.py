@@ -172,211 +172,290 @@ def unquantized_tensors(model, quantized: set[str]) -> dict[str, torch.Tensor]:
 
 
 # --- the job ---------------------------------------------------------------------------------
-def run(spec: JobSpec, on_event: Callable = lambda e: None, cancel: Optional[CancelToken] = None) -> dict:
-    from . import calibrate, evaluate, models, text
-    from .methods import baselines
-    from .methods import cvxq as cvxq_method
+class Job:
+    """The stages of one job, callable one by one (the TUI re-solves the allocation for a new
+    budget without recalibrating; benchmarks evaluate several budgets on one calibration).
+    run() calls them in order."""
 
-    spec.validate()
-    torch.manual_seed(spec.seed)
-    cancel = cancel or CancelToken()
-    emit = on_event
-    stages = _Stages(emit)
-    t_start = time.perf_counter()
-    if spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise InputError("--device cuda: no CUDA device is available; use --device cpu")
-        emit(Log("CUDA calibration is not implemented yet; running on the CPU", "warning"))
+    def __init__(self, spec: JobSpec, on_event: Callable = lambda e: None,
+                 cancel: Optional[CancelToken] = None):
+        self.spec = spec.validate()
+        self.emit = on_event
+        self.cancel = cancel or CancelToken()
+        self.stages = _Stages(on_event)
+        self.t_start = time.perf_counter()
+        self.out: Optional[Path] = None
+        self.packed: dict[str, PackedLinear] = {}
+        self.layer_rows: list[dict] = []
+        self.plans: dict = {}
+        self.depths: dict = {}
+        self.fixed_config = None
+        self.ppl_before: dict[str, float] = {}
+        self.ppl_after: dict[str, float] = {}
+        torch.manual_seed(spec.seed)
 
-    out = prepare_output(spec)
+    # -- load ----------------------------------------------------------------------------
+    def load(self) -> None:
+        from . import models, text
 
-    loaded = stages.run("load", lambda: models.load_model(spec.model))
-    model, tok = loaded.model, loaded.tokenizer
-    model.eval()
-    layers = select_layers(models.quantizable_linears(model), spec)
-    for name, mod in layers:
-        emit(LayerInfo(name, (mod.out_features, mod.in_features), mod.weight.numel()))
-    n_weights = sum(mod.weight.numel() for _, mod in layers)
+        spec = self.spec
+        if spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available()):
+            if not torch.cuda.is_available():
+                raise InputError("--device cuda: no CUDA device is available; use --device cpu")
+            self.emit(Log("CUDA calibration is not implemented yet; running on the CPU", "warning"))
+        self.loaded = self.stages.run("load", lambda: models.load_model(spec.model))
+        self.model, self.tok = self.loaded.model, self.loaded.tokenizer
+        self.model.eval()
+        self.layers = select_layers(models.quantizable_linears(self.model), spec)
+        for name, mod in self.layers:
+            self.emit(LayerInfo(name, (mod.out_features, mod.in_features), mod.weight.numel()))
+        self.n_weights = sum(mod.weight.numel() for _, mod in self.layers)
+        self.original = {name: mod.weight.detach().clone() for name, mod in self.layers}
+        self.original_bias = {name: (None if mod.bias is None else mod.bias.detach().clone())
+                              for name, mod in self.layers}
+        calib_text = text.read_text(spec.text) if spec.text else text.default_text("calib")
+        self.calib = text.token_windows(self.tok, calib_text, spec.seq_len, spec.calib_samples,
+                                        purpose="calibration")
+        self.evals = {}
+        if spec.evaluate:
+            eval_text = text.read_text(spec.eval_text) if spec.eval_text else text.default_text("eval")
+            self.evals["eval"] = text.token_windows(self.tok, eval_text, spec.eval_seq_len, None,
+                                                    purpose="evaluation")[: spec.eval_samples]
+            if spec.ood_eval:
+                self.evals["ood"] = text.token_windows(self.tok, text.default_text("ood"), spec.eval_seq_len,
+                                                       None, purpose="evaluation")[: spec.eval_samples]
+        rest = unquantized_tensors(self.model, {n for n, _ in self.layers})
+        self.rest = rest
+        self.rest_bytes = _rest_bytes(rest)
 
-    calib_text = text.read_text(spec.text) if spec.text else text.default_text("calib")
-    calib = text.token_windows(tok, calib_text, spec.seq_len, spec.calib_samples, purpose="calibration")
-    evals = {}
-    if spec.evaluate:
-        eval_text = text.read_text(spec.eval_text) if spec.eval_text else text.default_text("eval")
-        evals["eval"] = text.token_windows(tok, eval_text, spec.eval_seq_len, None, purpose="evaluation")[: spec.eval_samples]
-        if spec.ood_eval:
-            evals["ood"] = text.token_windows(tok, text.default_text("ood"), spec.eval_seq_len, None,
-                                              purpose="evaluation")[: spec.eval_samples]
+    # -- evaluate ------------------------------------------------------------------------
+    def perplexities(self, tag: str) -> dict[str, float]:
+        from . import evaluate
 
-    def perplexities(tag: str) -> dict[str, float]:
-        res = {}
-        for key, windows in evals.items():
-            def prog(done, total, key=key):
-                emit(StageProgress("evaluate", done, total, f"{tag} model, {key} text"))
-            res[key] = evaluate.perplexity(model, windows, on_progress=prog, cancel=cancel)
-        return res
+        def work():
+            res = {}
+            for key, windows in self.evals.items():
+                def prog(done, total, key=key):
+                    self.emit(StageProgress("evaluate", done, total, f"{tag} model, {key} text"))
+                res[key] = evaluate.perplexity(self.model, windows, on_progress=prog, cancel=self.cancel)
+            return res
+        return self.stages.run("evaluate", work) if self.evals else {}
 
-    ppl_before = stages.run("evaluate", lambda: perplexities("float")) if evals else {}
+    # -- calibrate -----------------------------------------------------------------------
+    @property
+    def need_hessian(self) -> bool:
+        s = self.spec
+        return s.method == "gptq" or (s.method == "cvxq" and s.error_feedback)
 
-    # Calibration: input statistics (bias correction, GPTQ) and sensitivities (CVXQ).
-    need_h = spec.method == "gptq" or (spec.method == "cvxq" and spec.error_feedback)
+    def calibrate(self) -> None:
+        from . import calibrate
 
-    def do_calibrate():
-        def prog(done, total, what):
-            emit(StageProgress("calibrate", done, total, what))
-        stats = calibrate.collect_input_stats(model, layers, calib, need_hessian=need_h,
-                                              on_progress=prog, cancel=cancel)
-        g2 = None
+        spec = self.spec
+
+        def work():
+            def prog(done, total, what):
+                self.emit(StageProgress("calibrate", done, total, what))
+            stats = calibrate.collect_input_stats(self.model, self.layers, self.calib,
+                                                  need_hessian=self.need_hessian, on_progress=prog,
+                                                  cancel=self.cancel)
+            g2 = None
+            if spec.method == "cvxq":
+                g2 = calibrate.collect_sensitivity(self.model, self.layers, self.calib,
+                                                   estimator=spec.sensitivity, input_stats=stats,
+                                                   seed=spec.seed, on_progress=prog, cancel=self.cancel)
+            return stats, g2
+
+        self.stats, self.g2 = self.stages.run("calibrate", work, total=self.calib.shape[0])
+
+    # -- plan + allocate -------------------------------------------------------------------
+    def plan(self) -> None:
+        """CVXQ only: cluster rows and measure distortion curves of every layer."""
+        from .methods import cvxq as cvxq_method
+
+        spec = self.spec
+
+        def work():
+            for i, (name, mod) in enumerate(self.layers):
+                _check(self.cancel)
+                w = self.original[name].numpy()
+                self.plans[name] = cvxq_method.plan_layer(
+                    name, w, self.g2[name].numpy(), group_rows=spec.group_rows, kind=spec.quantizer,
+                    cancel=self.cancel.core, seed=spec.seed)
+                self.emit(StageProgress("plan", i + 1, len(self.layers), name))
+
+        self.stages.run("plan", work, total=len(self.layers))
+
+    def has_bias(self, name: str, mod) -> bool:
+        return self.spec.bias_correction or mod.bias is not None
+
+    def allocate(self, bits: Optional[float] = None, size: Optional[int] = None) -> Allocation | None:
+        """Solve the budget (default: the spec's). CVXQ: depths per group from the plans;
+        baselines: one (depth, group) configuration."""
+        from .methods import baselines
+
+        spec = self.spec
+        if bits is None and size is None:
+            bits, size = spec.bits, spec.size
         if spec.method == "cvxq":
-            g2 = calibrate.collect_sensitivity(model, layers, calib, estimator=spec.sensitivity,
-                                               input_stats=stats, seed=spec.seed,
-                                               on_progress=prog, cancel=cancel)
-        return stats, g2
+            fixed = sum(_layer_fixed_bytes(n, mod.out_features, mod.out_features, True, self.has_bias(n, mod), 7)
+                        for n, mod in self.layers)
+            budget_bits = bits * self.n_weights - 8 * fixed if bits is not None else \
+                8 * (size - self.rest_bytes - fixed)
+            self.depths, alloc = self.stages.run(
+                "allocate", lambda: allocate_cvxq(self.plans, self.layers, spec, budget_bits, self.n_weights,
+                                                  fixed, self.rest_bytes, bits, size))
+            self.emit(alloc)
+            return alloc
+        fixed = sum(_layer_fixed_bytes(n, mod.in_features, mod.out_features, False, self.has_bias(n, mod), 6)
+                    for n, mod in self.layers)
+        b_avail = bits if bits is not None else 8 * (size - self.rest_bytes) / self.n_weights
+        b_eff = b_avail - 8 * fixed / self.n_weights
+        b, group = baselines.fixed_config(b_eff, min(m.in_features for _, m in self.layers), spec.gptq_group)
+        self.fixed_config = (b, group)
+        self.emit(Log(f"{spec.method.upper()}: {b} bits, groups of {group} inputs "
+                      f"({b + baselines.SIDE_BITS_PER_GROUP / group:.3f} bits/weight before per-layer overhead)"))
+        return None
 
-    stats, g2 = stages.run("calibrate", do_calibrate, total=calib.shape[0])
+    # -- quantize -----------------------------------------------------------------------
+    def quantize(self, checkpoints: bool = True) -> None:
+        self.packed, self.layer_rows = {}, []
+        self.stages.run("quantize", lambda: self._quantize_all(checkpoints), total=len(self.layers))
 
-    quantized_names = {n for n, _ in layers}
-    rest = unquantized_tensors(model, quantized_names)
-    rest_bytes = _rest_bytes(rest)
-    has_bias = {n: (spec.bias_correction or mod.bias is not None) for n, mod in layers}
-
-    work = out / WORK_DIR
-    packed: dict[str, PackedLinear] = {}
-    layer_rows: list[dict] = []
-
-    if spec.method == "cvxq":
-        plans = {}
-
-        def do_plan():
-            for i, (name, mod) in enumerate(layers):
-                _check(cancel)
-                w = mod.weight.detach().numpy()
-                plans[name] = cvxq_method.plan_layer(name, w, g2[name].numpy(), group_rows=spec.group_rows,
-                                                     kind=spec.quantizer, cancel=cancel.core, seed=spec.seed)
-                emit(StageProgress("plan", i + 1, len(layers), name))
-
-        stages.run("plan", do_plan, total=len(layers))
-        fixed = sum(_layer_fixed_bytes(n, mod.out_features, mod.out_features, True, has_bias[n], 7)
-                    for n, mod in layers)
-        if spec.bits is not None:
-            budget_bits = spec.bits * n_weights - 8 * fixed
-        else:
-            budget_bits = 8 * (spec.size - rest_bytes - fixed)
-        depths, alloc = stages.run("allocate", lambda: allocate_cvxq(plans, layers, spec, budget_bits, n_weights, fixed, rest_bytes))
-        emit(alloc)
-    else:
-        fixed_per_layer = {n: _layer_fixed_bytes(n, mod.in_features, mod.out_features, False, mod.bias is not None, 6)
-                           for n, mod in layers}
-        fixed = sum(fixed_per_layer.values())
-        bits = spec.bits if spec.bits is not None else 8 * (spec.size - rest_bytes) / n_weights
-        bits_eff = bits - 8 * fixed / n_weights
-        min_cols = min(mod.in_features for _, mod in layers)
-        b, group = baselines.fixed_config(bits_eff, min_cols, spec.gptq_group)
-        emit(Log(f"{spec.method.upper()}: {b} bits, groups of {group} inputs "
-                 f"({b + baselines.SIDE_BITS_PER_GROUP / group:.3f} bits/weight before per-layer overhead)"))
-
-    def do_quantize():
-        for i, (name, mod) in enumerate(layers):
-            _check(cancel)
+    def _quantize_all(self, checkpoints: bool) -> None:
+        for i, (name, mod) in enumerate(self.layers):
+            _check(self.cancel)
             t0 = time.perf_counter()
-            ckpt = work / f"layer-{i:04d}.npz"
-            w = mod.weight.detach().numpy()
-            layer = _load_checkpoint(ckpt, name) if spec.resume else None
+            ckpt = self.out / WORK_DIR / f"layer-{i:04d}.npz" if (checkpoints and self.out) else None
+            layer = _load_checkpoint(ckpt) if (ckpt and self.spec.resume) else None
             if layer is None:
-                h = stats[name].hessian if need_h else None
-                if spec.method == "cvxq":
-                    plan = plans[name]
-                    d = depths[name]
-                    q = cvxq_method.quantize_layer(plan, w, d, h, cancel=cancel.core)
-                    recon = q.recon
-                    layer_args = dict(transposed=False, group_rows=spec.group_rows, kind=spec.quantizer,
-                                      depth=d, idx=q.idx, loc=q.loc, scale=q.scale, table=plan.table,
-                                      perm=plan.perm)
-                    distortion = float((plan.curve[np.arange(plan.n_groups), d.reshape(-1)]).sum())
-                else:
-                    pin = pinned_depth(name, spec)
-                    bl = pin if pin is not None else b
-                    r = baselines.quantize_fixed(w, bl, group, h, cancel=cancel)
-                    recon = r.recon
-                    n_cl = r.loc.shape[0]
-                    layer_args = dict(transposed=True, group_rows=group, kind="uniform",
-                                      depth=np.full((n_cl, mod.out_features), bl, np.uint8), idx=r.idx_t,
-                                      loc=r.loc, scale=r.scale, table=_core.builtin_table("uniform"), perm=None)
-                    distortion = float("nan")
-                bias = None
-                if mod.bias is not None or spec.bias_correction:
-                    bias = mod.bias.detach().numpy().copy() if mod.bias is not None else np.zeros(mod.out_features, np.float32)
-                    if spec.bias_correction:
-                        bias -= (recon - w) @ stats[name].x_mean.numpy()
-                layer = PackedLinear.build(out_features=mod.out_features, in_features=mod.in_features,
-                                           bias=bias, **layer_args)
-                _save_checkpoint(ckpt, name, layer, distortion)
-            packed[name] = layer
+                layer, distortion = self.quantize_layer(name, mod)
+                if ckpt:
+                    _save_checkpoint(ckpt, layer, distortion)
+            else:
+                distortion = _checkpoint_distortion(ckpt)
+            self.packed[name] = layer
             dt = time.perf_counter() - t0
-            nbytes = layer.nbytes() + 7 * (PER_TENSOR_HEADER_BYTES + len(name) + 14)
-            wq = layer.dequantize()
-            mse = float(np.mean((wq - w) ** 2))
-            distortion = _checkpoint_distortion(ckpt)
+            w = self.original[name].numpy()
+            nbytes = layer.nbytes() + len(layer.to_tensors(name)) * (PER_TENSOR_HEADER_BYTES + len(name) + 14)
+            mse = float(np.mean((layer.dequantize() - w) ** 2))
             row = {"name": name, "shape": [mod.out_features, mod.in_features], "bits": 8 * nbytes / w.size,
                    "bytes": nbytes, "seconds": dt, "distortion": distortion, "mse": mse,
                    "mean_depth": float(layer.depth.mean())}
-            layer_rows.append(row)
-            emit(LayerDone(name, (mod.out_features, mod.in_features), row["bits"], nbytes, dt, distortion, mse))
-            emit(StageProgress("quantize", i + 1, len(layers), name))
+            self.layer_rows.append(row)
+            self.emit(LayerDone(name, (mod.out_features, mod.in_features), row["bits"], nbytes, dt, distortion, mse))
+            self.emit(StageProgress("quantize", i + 1, len(self.layers), name))
 
-    stages.run("quantize", do_quantize, total=len(layers))
+    def quantize_layer(self, name: str, mod) -> tuple[PackedLinear, float]:
+        from .methods import baselines
+        from .methods import cvxq as cvxq_method
 
-    # The in-memory model now computes exactly what the packed model computes.
-    with torch.no_grad():
-        for name, mod in layers:
-            layer = packed[name]
-            mod.weight.data = torch.from_numpy(layer.dequantize())
-            if layer.bias is not None:
-                mod.bias = torch.nn.Parameter(torch.from_numpy(layer.bias.copy()), requires_grad=False)
+        spec = self.spec
+        w = self.original[name].numpy()
+        h = self.stats[name].hessian if self.need_hessian else None
+        if spec.method == "cvxq":
+            plan, d = self.plans[name], self.depths[name]
+            q = cvxq_method.quantize_layer(plan, w, d, h, cancel=self.cancel.core)
+            recon = q.recon
+            args = dict(transposed=False, group_rows=spec.group_rows, kind=spec.quantizer, depth=d,
+                        idx=q.idx, loc=q.loc, scale=q.scale, table=plan.table, perm=plan.perm)
+            distortion = float(plan.curve[np.arange(plan.n_groups), d.reshape(-1)].sum())
+        else:
+            b, group = self.fixed_config
+            pin = pinned_depth(name, spec)
+            bl = pin if pin is not None else b
+            r = baselines.quantize_fixed(w, bl, group, h, cancel=self.cancel)
+            recon = r.recon
+            args = dict(transposed=True, group_rows=group, kind="uniform",
+                        depth=np.full((r.loc.shape[0], mod.out_features), bl, np.uint8), idx=r.idx_t,
+                        loc=r.loc, scale=r.scale, table=_core.builtin_table("uniform"), perm=None)
+            distortion = float("nan")
+        bias = None
+        if self.has_bias(name, mod):
+            ob = self.original_bias[name]
+            bias = ob.numpy().copy() if ob is not None else np.zeros(mod.out_features, np.float32)
+            if spec.bias_correction:
+                bias -= (recon - w) @ self.stats[name].x_mean.numpy()
+        layer = PackedLinear.build(out_features=mod.out_features, in_features=mod.in_features, bias=bias, **args)
+        return layer, distortion
 
-    def do_save():
-        meta = {"spec": json.dumps(spec.to_dict()), "method": spec.method}
-        save_model_file(out / MODEL_FILE, packed, rest, meta)
-        model.config.save_pretrained(out)
-        tok.save_pretrained(out)
+    # -- model state ------------------------------------------------------------------
+    def apply(self) -> None:
+        """The in-memory model computes exactly what the packed model computes."""
+        with torch.no_grad():
+            for name, mod in self.layers:
+                layer = self.packed[name]
+                mod.weight.data = torch.from_numpy(layer.dequantize())
+                if layer.bias is not None:
+                    mod.bias = torch.nn.Parameter(torch.from_numpy(layer.bias.copy()), requires_grad=False)
 
-    stages.run("save", do_save)
-    _check(cancel)
-    ppl_after = stages.run("evaluate", lambda: perplexities("quantized")) if evals else {}
+    def restore(self) -> None:
+        with torch.no_grad():
+            for name, mod in self.layers:
+                mod.weight.data = self.original[name].clone()
+                ob = self.original_bias[name]
+                mod.bias = None if ob is None else torch.nn.Parameter(ob.clone(), requires_grad=False)
 
-    model_bytes = (out / MODEL_FILE).stat().st_size
-    q_bytes = sum(r["bytes"] for r in layer_rows)
-    report = {
-        "tool": "cvxq-tui",
-        "command": spec.batch_command(),
-        "spec": spec.to_dict(),
-        "model": dataclasses.asdict(loaded.info),
-        "layers": layer_rows,
-        "totals": {
-            "quantized_weights": n_weights,
-            "bits_per_weight": 8 * q_bytes / n_weights,
+    # -- save + report ----------------------------------------------------------------
+    def save(self) -> None:
+        def work():
+            meta = {"spec": json.dumps(self.spec.to_dict()), "method": self.spec.method}
+            save_model_file(self.out / MODEL_FILE, self.packed, self.rest, meta)
+            self.model.config.save_pretrained(self.out)
+            self.tok.save_pretrained(self.out)
+        self.stages.run("save", work)
+
+    def totals(self) -> dict:
+        q_bytes = sum(r["bytes"] for r in self.layer_rows)
+        return {
+            "quantized_weights": self.n_weights,
+            "bits_per_weight": 8 * q_bytes / self.n_weights,
             "quantized_layer_bytes": q_bytes,
-            "unquantized_bytes": rest_bytes,
-            "model_bytes": model_bytes,
-            "model_mb": model_bytes / 1e6,
-            "budget": spec.budget_text(),
-            "perplexity_before": ppl_before,
-            "perplexity_after": ppl_after,
-            "seconds_per_stage": stages.seconds,
-            "seconds_total": time.perf_counter() - t_start,
+            "unquantized_bytes": self.rest_bytes,
+            "budget": self.spec.budget_text(),
+            "perplexity_before": self.ppl_before,
+            "perplexity_after": self.ppl_after,
+            "seconds_per_stage": self.stages.seconds,
+            "seconds_total": time.perf_counter() - self.t_start,
             "peak_rss_mb": _peak_rss_mb(),
-            "eval_windows": {k: list(v.shape) for k, v in evals.items()},
-            "calib_windows": list(calib.shape),
-        },
-    }
-    write_atomic(out / REPORT_FILE, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
-    shutil.rmtree(work, ignore_errors=True)
-    emit(Finished(report, str(out)))
-    return report
+            "eval_windows": {k: list(v.shape) for k, v in self.evals.items()},
+            "calib_windows": list(self.calib.shape),
+        }
+
+    def report(self) -> dict:
+        totals = self.totals()
+        if self.out is not None and (self.out / MODEL_FILE).is_file():
+            size = (self.out / MODEL_FILE).stat().st_size
+            totals.update(model_bytes=size, model_mb=size / 1e6)
+        return {"tool": "cvxq-tui", "command": self.spec.batch_command(), "spec": self.spec.to_dict(),
+                "model": dataclasses.asdict(self.loaded.info), "layers": self.layer_rows, "totals": totals}
+
+    def run(self) -> dict:
+        self.out = prepare_output(self.spec)
+        self.load()
+        self.ppl_before = self.perplexities("float")
+        self.calibrate()
+        if self.spec.method == "cvxq":
+            self.plan()
+        self.allocate()
+        self.quantize()
+        self.apply()
+        self.save()
+        _check(self.cancel)
+        self.ppl_after = self.perplexities("quantized")
+        report = self.report()
+        write_atomic(self.out / REPORT_FILE, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+        shutil.rmtree(self.out / WORK_DIR, ignore_errors=True)
+        self.emit(Finished(report, str(self.out)))
+        return report
+
+
+def run(spec: JobSpec, on_event: Callable = lambda e: None, cancel: Optional[CancelToken] = None) -> dict:
+    """Run a whole job; returns the report (also written to OUT/report.json)."""
+    return Job(spec, on_event, cancel).run()
 
 
 def allocate_cvxq(plans, layers, spec: JobSpec, budget_bits: float, n_weights: int, fixed: int,
-                  rest_bytes: int):
+                  rest_bytes: int, bits: Optional[float], size: Optional[int]):
     """One allocation over every group of every layer; returns depths per layer."""
     from .methods.cvxq import SIDE_BITS_PER_GROUP
 
@@ -391,12 +470,12 @@ def allocate_cvxq(plans, layers, spec: JobSpec, budget_bits: float, n_weights: i
                                   pinned=pinned if (pinned >= 0).any() else None)
     except _core.InfeasibleError as e:
         lo, hi = _feasible_range(counts, side, pinned)
-        if spec.bits is not None:
-            to_bpw = lambda bits: (bits + 8 * fixed) / n_weights
-            raise BudgetError(f"--bits {spec.bits:g} cannot be met with these layers and settings: reachable is "
+        if bits is not None:
+            to_bpw = lambda b: (b + 8 * fixed) / n_weights
+            raise BudgetError(f"--bits {bits:g} cannot be met with these layers and settings: reachable is "
                               f"{to_bpw(lo):.3f} to {to_bpw(hi):.3f} bits/weight all-in") from None
-        to_mb = lambda bits: (bits / 8 + fixed + rest_bytes) / 1e6
-        raise BudgetError(f"--size {spec.size / 1e6:.2f}MB cannot be met: reachable is {to_mb(lo):.2f}MB to "
+        to_mb = lambda b: (b / 8 + fixed + rest_bytes) / 1e6
+        raise BudgetError(f"--size {size / 1e6:.2f}MB cannot be met: reachable is {to_mb(lo):.2f}MB to "
                           f"{to_mb(hi):.2f}MB (unquantized tensors alone take {rest_bytes / 1e6:.2f}MB)") from None
     depth = res["depth"].astype(np.uint8)
     out, layer_bits, pos = {}, {}, 0
@@ -430,13 +509,13 @@ def _rd_curve(curve, counts, side, n_weights, fixed, points: int = 12):
     return res
 
 
-def _save_checkpoint(path: Path, name: str, layer: PackedLinear, distortion: float) -> None:
+def _save_checkpoint(path: Path, layer: PackedLinear, distortion: float) -> None:
     t = layer.to_tensors("layer")
     t["distortion"] = np.array([distortion])
     write_atomic(path, lambda tmp: np.savez(open(tmp, "wb"), **t))
 
 
-def _load_checkpoint(path: Path, name: str) -> Optional[PackedLinear]:
+def _load_checkpoint(path: Path) -> Optional[PackedLinear]:
     if not path.is_file():
         return None
     try:

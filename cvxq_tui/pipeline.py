@@ -285,8 +285,13 @@ class Job:
 
         self.stages.run("plan", work, total=len(self.layers))
 
+    @property
+    def corrects_bias(self) -> bool:
+        # Bias correction is part of CVXQ; the baselines stay as their authors define them.
+        return self.spec.bias_correction and self.spec.method == "cvxq"
+
     def has_bias(self, name: str, mod) -> bool:
-        return self.spec.bias_correction or mod.bias is not None
+        return self.corrects_bias or mod.bias is not None
 
     def allocate(self, bits: Optional[float] = None, size: Optional[int] = None) -> Allocation | None:
         """Solve the budget (default: the spec's). CVXQ: depths per group from the plans;
@@ -306,11 +311,14 @@ class Job:
                                                   fixed, self.rest_bytes, bits, size))
             self.emit(alloc)
             return alloc
+        # RTN/GPTQ use their standard configurations: B bits with a float16 scale and zero per
+        # group of inputs, B + 32 / group bits per weight; the per-layer metadata (under 0.02
+        # bits/weight) comes on top. With --size it is subtracted first.
         fixed = sum(_layer_fixed_bytes(n, mod.in_features, mod.out_features, False, self.has_bias(n, mod), 6)
                     for n, mod in self.layers)
-        b_avail = bits if bits is not None else 8 * (size - self.rest_bytes) / self.n_weights
-        b_eff = b_avail - 8 * fixed / self.n_weights
-        b, group = baselines.fixed_config(b_eff, min(m.in_features for _, m in self.layers), spec.gptq_group)
+        if bits is None:
+            bits = 8 * (size - self.rest_bytes - fixed) / self.n_weights
+        b, group = baselines.fixed_config(bits, min(m.in_features for _, m in self.layers), spec.gptq_group)
         self.fixed_config = (b, group)
         self.emit(Log(f"{spec.method.upper()}: {b} bits, groups of {group} inputs "
                       f"({b + baselines.SIDE_BITS_PER_GROUP / group:.3f} bits/weight before per-layer overhead)"))
@@ -373,7 +381,7 @@ class Job:
         if self.has_bias(name, mod):
             ob = self.original_bias[name]
             bias = ob.numpy().copy() if ob is not None else np.zeros(mod.out_features, np.float32)
-            if spec.bias_correction:
+            if self.corrects_bias:
                 bias -= (recon - w) @ self.stats[name].x_mean.numpy()
         layer = PackedLinear.build(out_features=mod.out_features, in_features=mod.in_features, bias=bias, **args)
         return layer, distortion

@@ -151,13 +151,25 @@ def main() -> None:
         print("interrupted; finished layers are kept: rerun with --resume to continue", file=sys.stderr)
         sys.exit(int(ExitCode.INTERRUPTED))
     except Exception as e:  # click usage errors and anything unexpected
-        import click
-
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        if isinstance(e, click.ClickException):
+        if isinstance(e, typer.Exit):
+            sys.exit(getattr(e, "exit_code", 0))
+        if isinstance(e, _click_exception_types()):
             e.show()
             sys.exit(int(ExitCode.USAGE))
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, typer.Abort):
             sys.exit(int(ExitCode.INTERRUPTED))
         raise
+
+
+def _click_exception_types() -> tuple:
+    """ClickException of click itself (older typer is built on it) and of the copy of click
+    that newer typer carries (typer._click, typer >= 0.29): usage errors raise either."""
+    import importlib
+
+    types = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            types.append(importlib.import_module(module).ClickException)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(types)

@@ -316,9 +316,20 @@ class Job:
         # bits/weight) comes on top. With --size it is subtracted first.
         fixed = sum(_layer_fixed_bytes(n, mod.in_features, mod.out_features, False, self.has_bias(n, mod), 6)
                     for n, mod in self.layers)
-        if bits is None:
+        from_size = bits is None
+        if from_size:
             bits = 8 * (size - self.rest_bytes - fixed) / self.n_weights
-        b, group = baselines.fixed_config(bits, min(m.in_features for _, m in self.layers), spec.gptq_group)
+        try:
+            b, group = baselines.fixed_config(bits, min(m.in_features for _, m in self.layers), spec.gptq_group)
+        except BudgetError:
+            if not from_size:
+                raise
+            # Say it in the unit the user asked in, not as a (possibly negative) bits figure.
+            least = 1 + baselines.SIDE_BITS_PER_GROUP / (spec.gptq_group or 4096)
+            least_mb = (self.rest_bytes + fixed + least * self.n_weights / 8) / 1e6
+            raise BudgetError(f"--size {size / 1e6:.2f}MB cannot be met by {spec.method.upper()}: it needs at "
+                              f"least {least_mb:.2f}MB (unquantized tensors alone take {self.rest_bytes / 1e6:.2f}MB); "
+                              "raise --size or use --method cvxq") from None
         self.fixed_config = (b, group)
         self.emit(Log(f"{spec.method.upper()}: {b} bits, groups of {group} inputs "
                       f"({b + baselines.SIDE_BITS_PER_GROUP / group:.3f} bits/weight before per-layer overhead)"))

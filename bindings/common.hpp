@@ -17,8 +17,9 @@ namespace nb = nanobind;
 
 namespace cvxq::py {
 
-// C-contiguous CPU arrays of a fixed dtype: anything else is refused by nanobind with a
-// TypeError naming the expected type, never silently copied.
+// C-contiguous CPU arrays of a fixed dtype. Mark each such argument .noconvert() in its
+// nb::arg: then anything else is refused with a TypeError naming the expected type instead
+// of being silently converted (copied).
 template <class T>
 using Arr1 = nb::ndarray<T, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 template <class T>

@@ -320,7 +320,7 @@ class Job:
         if from_size:
             bits = 8 * (size - self.rest_bytes - fixed) / self.n_weights
         try:
-            b, group = baselines.fixed_config(bits, min(m.in_features for _, m in self.layers), spec.gptq_group)
+            b, group = baselines.fixed_config(bits, [m.in_features for _, m in self.layers], spec.gptq_group)
         except BudgetError:
             if not from_size:
                 raise

@@ -163,16 +163,19 @@ def test_method_end_to_end(request, job_name, method, budget, n_layers):
 def test_rtn_gptq_budgets_below_any_config_are_refused():
     for bad in (0.5, 1.0):
         with pytest.raises(baselines.BudgetError, match="raise --bits or use --method cvxq"):
-            baselines.fixed_config(bad, 576)
+            baselines.fixed_config(bad, [576, 1536])
 
 
-@pytest.mark.xfail(strict=True, reason="baselines.fixed_config ignores in_features: a group that does not "
-                   "divide it (160 of 576) costs 32*ceil(576/160)/576 = 0.222 side bits, over the 1.2 budget")
 def test_baseline_config_fits_budget_on_real_widths():
-    for bits in (1.2, 1.1, 2.2, 3.3):
-        b, group = baselines.fixed_config(bits, 576)
-        side = baselines.SIDE_BITS_PER_GROUP * -(-576 // group) / 576
-        assert b + side <= bits + 1e-9, (bits, b, group)
+    # Groups divide both widths (their gcd is 192), so 1.1 bits has no configuration.
+    with pytest.raises(baselines.BudgetError, match="groups of 192: 1.167"):
+        baselines.fixed_config(1.1, [576, 1536])
+    for bits in (1.2, 2.2, 3.0, 3.3):
+        b, group = baselines.fixed_config(bits, [576, 1536])
+        for width in (576, 1536):
+            assert width % group == 0
+            side = baselines.SIDE_BITS_PER_GROUP * -(-width // group) / width
+            assert b + side <= bits + 1e-9, (bits, b, group)
 
 
 def test_size_budget(size_job):

@@ -6,6 +6,7 @@ counted exactly like CVXQ's: B + 32 / group bits per weight plus a shared depth 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,19 +19,29 @@ from .gptq import error_feedback
 SIDE_BITS_PER_GROUP = 32  # float16 loc + float16 scale
 
 
-def fixed_config(bits: float, cols: int, group: int = 0) -> tuple[int, int]:
-    """The highest depth B, then the largest group (multiple of 32) with
-    B + 32 / group <= bits. A given group size is kept and only B is chosen."""
-    sizes = [group] if group else list(range(32, 4097, 32))
+def group_sizes(widths: list[int]) -> list[int]:
+    """Group sizes (multiples of 32) that divide every layer's input width, so every group
+    is whole and the size is exactly B + 32 / group."""
+    g = 0
+    for w in widths:
+        g = math.gcd(g, w)
+    sizes = [s for s in range(32, min(4096, g) + 1, 32) if g % s == 0]
+    return sizes or [32]
+
+
+def fixed_config(bits: float, widths: list[int], group: int = 0) -> tuple[int, int]:
+    """The highest depth B, then the smallest group with B + 32 / group <= bits. A given
+    group size is kept and only B is chosen."""
+    sizes = [group] if group else group_sizes(widths)
     for b in range(8, 0, -1):
         fits = [g for g in sizes if b + SIDE_BITS_PER_GROUP / g <= bits + 1e-9]
         if fits:
             # Smallest group that fits: the most side information the budget pays for.
             return b, min(fits)
+    least = 1 + SIDE_BITS_PER_GROUP / max(sizes)
     raise BudgetError(
-        f"a budget of {bits:g} bits/weight is below what {('group ' + str(group)) if group else 'any group size'} "
-        f"allows for RTN/GPTQ (at least {1 + SIDE_BITS_PER_GROUP / (group or 4096):.3f} bits/weight); "
-        "raise --bits or use --method cvxq")
+        f"a budget of {bits:.3f} bits/weight is below the smallest RTN/GPTQ configuration for these layers "
+        f"(1 bit, groups of {max(sizes)}: {least:.3f} bits/weight); raise --bits or use --method cvxq")
 
 
 @dataclass

@@ -26,6 +26,10 @@ constexpr int kFormatVersion = 1;
 constexpr int kSliceRows = 32;   // rows per payload word
 constexpr int kTileCols = 32;    // columns per offset-table entry
 constexpr int kMaxGroupRows = 4096;
+// Codebook tables of depths 0..8 stored back to back: 2^0 + ... + 2^8 = 511 floats.
+constexpr int kTableSize = 511;
+inline constexpr int table_offset(int depth) { return (1 << depth) - 1; }
+static_assert(table_offset(9) == kTableSize, "tables of depths 0..8 fill the flat table");
 static_assert(kSliceRows == 8 * sizeof(uint32_t), "one payload word covers one 32-row slice");
 static_assert(kTileCols > 0 && (kTileCols & (kTileCols - 1)) == 0, "tile width is a power of 2");
 

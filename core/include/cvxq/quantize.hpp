@@ -46,14 +46,13 @@
 #include <cstdint>
 
 #include "cvxq/common.hpp"
+#include "cvxq/format.hpp"
 
 namespace cvxq {
 
 enum class QuantKind : int { Laplace = 0, Uniform = 1, Lloyd = 2 };
 
 // Offsets of depth B's table inside a flat table of 511 floats (2^0 + ... + 2^8).
-constexpr int kTableSize = 511;
-inline constexpr int table_offset(int depth) { return (1 << depth) - 1; }
 
 // The built-in tables for Laplace (standard Laplace inverse CDF at (k + 0.5) / 2^B,
 // in units of the Laplace scale b) and Uniform (k - (2^B - 1) / 2). B = 0 is {0}.

@@ -449,7 +449,24 @@ class Job:
                 "model": dataclasses.asdict(self.loaded.info), "layers": self.layer_rows, "totals": totals}
 
     def run(self) -> dict:
+        existed = Path(self.spec.out).expanduser().exists()
         self.out = prepare_output(self.spec)
+        try:
+            return self._run()
+        except JobCancelled:
+            raise  # keep the folder: --resume continues from the finished layers
+        except BaseException:
+            # A job that failed before finishing any layer leaves nothing behind, so the same
+            # command can simply be run again.
+            if not any((self.out / WORK_DIR).glob("layer-*.npz")):
+                if existed:
+                    (self.out / JOB_FILE).unlink(missing_ok=True)
+                    shutil.rmtree(self.out / WORK_DIR, ignore_errors=True)
+                else:
+                    shutil.rmtree(self.out, ignore_errors=True)
+            raise
+
+    def _run(self) -> dict:
         self.load()
         self.ppl_before = self.perplexities("float")
         self.calibrate()

@@ -186,6 +186,11 @@ def test_bad_model_is_refused(tmp_path, make, words):
     out = tmp_path / "out"
     code, stdout, stderr = run_cli("--batch", "--model", model, "--out", out, *SMALL)
     assert_refused(out, code, stdout, stderr, *words, "Fix", exit_code=1)
+    # A job that failed before quantizing anything leaves no folder behind, so the same
+    # command gives the same answer again (not "already holds a job").
+    assert not out.exists()
+    code2, _, stderr2 = run_cli("--batch", "--model", model, "--out", out, *SMALL)
+    assert code2 == code and "already holds" not in stderr2
 
 
 # ---------------------------------------------------------------- bad inputs on the default model

@@ -70,8 +70,10 @@ def main_command(
                               error_feedback=error_feedback, bias_correction=bias_correction,
                               evaluate=evaluate, device=device, seed=seed, resume=resume, overwrite=overwrite)
     if not batch:
-        raise InputError("the interactive workstation is not part of this version yet; "
-                         "run the same options with --batch")
+        from .tui.app import run_app  # lazily: batch mode never loads textual
+
+        run_app(spec)
+        return
     _run_batch(spec, json_out)
 
 

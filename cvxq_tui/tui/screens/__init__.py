@@ -1,0 +1,1 @@
+"""One screen per module: start (options), layers, run, results, help, dialogs."""

@@ -34,7 +34,7 @@ def main_command(
     ctx: typer.Context,
     batch: Annotated[bool, typer.Option("--batch", help="Run headless (no TUI): progress on stderr, report at the end.")] = False,
     model: Annotated[Optional[str], typer.Option(help="HF model folder (safetensors/.bin) or .gguf file. Default: the built-in SmolLM2-135M.")] = None,
-    bits: Annotated[Optional[float], typer.Option(help="Budget: average bits per quantized weight, all-in (payload + side information). Default 3.0.")] = None,
+    bits: Annotated[Optional[float], typer.Option(help="Budget: average bits per quantized weight, all-in (payload + every byte of side information). Default 3.0. RTN/GPTQ use their standard B bits + a float16 scale and zero per group (B + 32/group), plus under 0.02 bits of per-layer metadata.")] = None,
     size: Annotated[Optional[str], typer.Option(help="Budget as the model file size instead, e.g. 60MB or 58MiB.")] = None,
     method: Annotated[str, typer.Option(help="cvxq (default), or the baselines rtn / gptq at the same all-in budget.")] = "cvxq",
     text: Annotated[Optional[str], typer.Option(help="Calibration text: a file or a folder of text files. Default: built-in Python docs.")] = None,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import time
 
-from .events import (Allocation, Finished, LayerDone, LayerInfo, Log, StageFinished, StageProgress,
+from .events import (Allocation, Finished, LayerDone, Log, StageFinished, StageProgress,
                      StageStarted)
 
 

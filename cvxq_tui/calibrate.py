@@ -15,7 +15,6 @@ Sensitivity estimators (all return g2[r, j] ~ E[(dz/dW[r, j])^2] per layer):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 

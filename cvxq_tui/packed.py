@@ -8,7 +8,6 @@ depth map when loading (and the payload length is checked against them)."""
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from dataclasses import dataclass

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
-import os
 import resource
 import shutil
 import threading
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from . import _core
-from .errors import BudgetError, CvxqError, InputError, JobCancelled, OutputError
+from .errors import BudgetError, InputError, JobCancelled, OutputError
 from .events import (Allocation, Finished, LayerDone, LayerInfo, Log, StageFinished, StageProgress,
                      StageStarted)
 from .packed import MODEL_FILE, PackedLinear, save_model_file, write_atomic
@@ -504,7 +503,7 @@ def allocate_cvxq(plans, layers, spec: JobSpec, budget_bits: float, n_weights: i
     try:
         res = _core.allocate_bits(counts, float(budget_bits), curve=curve, side_bits=side,
                                   pinned=pinned if (pinned >= 0).any() else None)
-    except _core.InfeasibleError as e:
+    except _core.InfeasibleError:
         lo, hi = _feasible_range(counts, side, pinned)
         if bits is not None:
             to_bpw = lambda b: (b + 8 * fixed) / n_weights

@@ -3,10 +3,7 @@ folder back into a transformers model, and exporting a plain dequantized checkpo
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch

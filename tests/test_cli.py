@@ -70,7 +70,7 @@ def test_help_lists_the_main_options():
     assert code == 0 and "--samples" in stdout and "--seq-len" in stdout
 
 
-def test_batch_modules_do_not_import_textual():
+def test_batch_modules_do_not_import_textual(tmp_path):
     """Headless use must not pay for (or depend on) the TUI toolkit."""
     env = dict(os.environ)
     pkg_parent = str(Path(cvxq_tui.__file__).resolve().parent.parent)
@@ -88,7 +88,10 @@ def test_batch_modules_do_not_import_textual():
         "assert not bad, bad\n"
         "print('ok')\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    # cwd elsewhere: `python -c` puts the cwd first on sys.path, which in a source checkout
+    # would shadow the installed package (and its compiled core).
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
     import importlib.util
     assert importlib.util.find_spec("textual") is not None, "textual is a dependency: the check above must be able to fail"

@@ -4,7 +4,6 @@ instruction-set paths, so `pytest` also covers what only C++ can check."""
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest

@@ -5,7 +5,6 @@ the screens share one source of truth and the tests can check it directly."""
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional

@@ -7,40 +7,24 @@ so the tests work on a dev build and on an installed package alike."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
 import shlex
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
 import torch
+from helpers import run_cli
 
 import cvxq_tui
-from cvxq_tui import cli
 from cvxq_tui.packed import MODEL_FILE, read_model_file
 
 SMALL = ["--calib-samples", "1", "--seq-len", "16", "--no-eval"]
 ONE_LAYER = ["--include", "model.layers.0.self_attn.k_proj"]
-
-
-def run_cli(*args) -> tuple[int, str, str]:
-    """`cvxq-tui ARGS` in this process, as the console script runs it: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with mock.patch.object(sys, "argv", ["cvxq-tui", *map(str, args)]), redirect_stdout(out), \
-            redirect_stderr(err):
-        try:
-            cli.main()
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    return code, out.getvalue(), err.getvalue()
 
 
 def assert_refused(out: Path, code: int, stdout: str, stderr: str, *words: str, exit_code: int | None = None):

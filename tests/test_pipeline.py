@@ -9,19 +9,15 @@ per module and is shared by the tests that read its output."""
 
 from __future__ import annotations
 
-import io
 import json
-import sys
-from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
 import torch
+from helpers import run_cli
 
-from cvxq_tui import cli
 from cvxq_tui.evaluate import perplexity
 from cvxq_tui.methods import baselines
 from cvxq_tui.packed import MODEL_FILE, read_model_file
@@ -35,19 +31,6 @@ CALIB = ["--calib-samples", "2", "--seq-len", "64"]
 EVAL_SAMPLES, EVAL_SEQ_LEN = 2, 64
 EVAL = ["--eval-samples", str(EVAL_SAMPLES), "--eval-seq-len", str(EVAL_SEQ_LEN)]
 SIZE_BUDGET = 512_000_000  # the unquantized tensors take ~509.8 MB; 2 blocks at ~2.5 bits fill the rest
-
-
-def run_cli(*args) -> tuple[int, str, str]:
-    """`cvxq-tui ARGS` in this process, as the console script runs it: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with mock.patch.object(sys, "argv", ["cvxq-tui", *map(str, args)]), redirect_stdout(out), \
-            redirect_stderr(err):
-        try:
-            cli.main()
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    return code, out.getvalue(), err.getvalue()
 
 
 @dataclass

@@ -51,6 +51,7 @@ def main_command(
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sequence.")] = 256,
     eval_samples: Annotated[int, typer.Option("--eval-samples", help="Evaluation windows per text.")] = 40,
     eval_seq_len: Annotated[int, typer.Option("--eval-seq-len", help="Tokens per evaluation window.")] = 512,
+    rounds: Annotated[int, typer.Option(help="CVXQ rounds: each further round re-measures sensitivities at the quantized weights and re-allocates.")] = 1,
     error_feedback: Annotated[bool, typer.Option("--error-feedback/--no-error-feedback", help="GPTQ-style error feedback inside CVXQ.")] = True,
     bias_correction: Annotated[bool, typer.Option("--bias-correction/--no-bias-correction", help="Correct biases for the mean quantization error.")] = True,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Measure perplexity before and after.")] = True,
@@ -66,7 +67,7 @@ def main_command(
                               out=out, include=list(include), exclude=list(exclude), pin=list(pin),
                               quantizer=quantizer, sensitivity=sensitivity, group_rows=group_rows,
                               gptq_group=gptq_group, calib_samples=calib_samples, seq_len=seq_len,
-                              eval_samples=eval_samples, eval_seq_len=eval_seq_len,
+                              eval_samples=eval_samples, eval_seq_len=eval_seq_len, rounds=rounds,
                               error_feedback=error_feedback, bias_correction=bias_correction,
                               evaluate=evaluate, device=device, seed=seed, resume=resume, overwrite=overwrite)
     if not batch:

@@ -396,6 +396,26 @@ class Job:
         layer = PackedLinear.build(out_features=mod.out_features, in_features=mod.in_features, bias=bias, **args)
         return layer, distortion
 
+    def reestimate(self) -> None:
+        """CVXQ's re-estimation round: sensitivities measured at the quantized weights (the
+        point the model will actually run at), then clustering, curves and allocation again
+        from the original weights."""
+        from . import calibrate
+
+        self.apply()
+
+        def work():
+            def prog(done, total, what):
+                self.emit(StageProgress("calibrate", done, total, what + " (re-estimate)"))
+            return calibrate.collect_sensitivity(self.model, self.layers, self.calib,
+                                                 estimator=self.spec.sensitivity, input_stats=self.stats,
+                                                 seed=self.spec.seed + 1, on_progress=prog, cancel=self.cancel)
+
+        self.g2 = self.stages.run("calibrate", work, total=self.calib.shape[0])
+        self.restore()
+        self.plan()
+        self.allocate()
+
     # -- model state ------------------------------------------------------------------
     def apply(self) -> None:
         """The in-memory model computes exactly what the packed model computes."""
@@ -472,7 +492,12 @@ class Job:
         if self.spec.method == "cvxq":
             self.plan()
         self.allocate()
-        self.quantize()
+        rounds = self.spec.rounds if self.spec.method == "cvxq" else 1
+        for r in range(rounds):
+            if r:
+                self.reestimate()
+            # Only the final round's layers are kept for --resume.
+            self.quantize(checkpoints=r == rounds - 1)
         self.apply()
         self.save()
         _check(self.cancel)

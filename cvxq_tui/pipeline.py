@@ -62,7 +62,11 @@ class _Stages:
     def run(self, stage: str, fn, total: int = 0, detail: str = ""):
         self.emit(StageStarted(stage, total, detail))
         t0 = time.perf_counter()
-        out = fn()
+        try:
+            out = fn()
+        except _core.Cancelled:
+            # The core saw the cancel flag between two work units.
+            raise JobCancelled("job cancelled; finished layers are kept: rerun with --resume to continue") from None
         dt = time.perf_counter() - t0
         self.seconds[stage] = self.seconds.get(stage, 0.0) + dt
         self.emit(StageFinished(stage, dt))

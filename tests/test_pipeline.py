@@ -273,3 +273,17 @@ def test_cvxq_beats_rtn_at_same_budget(cvxq_job, rtn_job):
         damage_rtn = r["perplexity_after"][key] - before
         assert damage_rtn > 0
         assert damage_cvxq < 0.25 * damage_rtn, (key, damage_cvxq, damage_rtn)
+
+
+def test_core_cancellation_becomes_job_cancelled():
+    """A cancel seen inside the core (between its work units) ends the job as a resumable
+    cancellation, not as an unexpected error."""
+    from cvxq_tui import _core
+    from cvxq_tui.errors import JobCancelled
+    from cvxq_tui.pipeline import CancelToken, _Stages
+
+    token = CancelToken()
+    token.set()
+    x = np.ones((64, 32), np.float32)
+    with pytest.raises(JobCancelled, match="--resume"):
+        _Stages(lambda e: None).run("plan", lambda: _core.error_curves(x, kind="laplace", cancel=token.core))

@@ -59,5 +59,6 @@ void bind_common(nb::module_& m);
 void bind_allocate(nb::module_& m);
 void bind_quantize(nb::module_& m);
 void bind_packed(nb::module_& m);
+void bind_cuda(nb::module_& m);
 
 }  // namespace cvxq::py

@@ -63,4 +63,5 @@ NB_MODULE(_core, m) {
   py::bind_allocate(m);
   py::bind_quantize(m);
   py::bind_packed(m);
+  py::bind_cuda(m);
 }

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import _core
 from .errors import FormatError, InputError
 from .packed import MODEL_FILE, PackedLinear, read_model_file
 
@@ -16,7 +17,46 @@ from .packed import MODEL_FILE, PackedLinear, read_model_file
 KERNEL_MAX_BATCH = 16
 
 
+class CudaPacked:
+    """One packed layer's arrays on a GPU, in the dtypes the CUDA kernels take (same bits:
+    uint32 words as int32, float16 bits as int16). Made from a layer that has passed the
+    host-side validation, which the kernels rely on."""
+
+    def __init__(self, packed: PackedLinear, device):
+        packed.core()  # validates (raises FormatError) before anything reaches the GPU
+        offsets = _core.tile_offsets(packed.rows, packed.cols, packed.group_rows, packed.depth)
+
+        def put(a, dtype):
+            return torch.from_numpy(np.ascontiguousarray(a).reshape(-1).view(dtype)).to(device)
+
+        self.device = torch.device(device)
+        self.args = dict(
+            rows=packed.rows, cols=packed.cols, group_rows=packed.group_rows, transposed=packed.transposed,
+            depth=put(packed.depth, np.uint8), tile_offset=put(offsets, np.int32),
+            payload=put(packed.payload, np.int32), loc=put(packed.loc, np.int16),
+            scale=put(packed.scale, np.int16), table=put(packed.table, np.float32),
+            perm=None if packed.perm is None else put(packed.perm, np.int32))
+        self.shape = (packed.out_features, packed.in_features)
+
+    def _stream(self) -> int:
+        return torch.cuda.current_stream(self.device).cuda_stream
+
+    def matmul_(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y += W^ x for float32 x [n, in_features], y [n, out_features] on this GPU."""
+        _core.cuda_matmul(**self.args, x=x, y=y, stream=self._stream())
+        return y
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=dtype, device=self.device)
+        _core.cuda_dequantize(**self.args, out=out, stream=self._stream())
+        return out
+
+
 class QuantLinear(torch.nn.Module):
+    """A Linear whose weight is the packed layer: on the CPU the core's AVX2 kernels, on a
+    GPU the CUDA kernels, both decoding the packed data on the fly for up to
+    KERNEL_MAX_BATCH rows (larger batches decode this one layer transiently)."""
+
     def __init__(self, packed: PackedLinear):
         super().__init__()
         self.packed = packed
@@ -24,22 +64,72 @@ class QuantLinear(torch.nn.Module):
         self.out_features = packed.out_features
         b = packed.bias
         self.bias = None if b is None else torch.nn.Parameter(torch.from_numpy(b.copy()), requires_grad=False)
+        self._gpu: dict[torch.device, CudaPacked] = {}
+
+    def to_device(self, device) -> "QuantLinear":
+        """Copies the packed arrays to a GPU (once) and the bias with them."""
+        device = torch.device(device)
+        if device.type == "cuda":
+            if device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
+            if device not in self._gpu:
+                self._gpu[device] = CudaPacked(self.packed, device)
+        if self.bias is not None:
+            self.bias.data = self.bias.data.to(device)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.float32).contiguous()
+        if x2.is_cuda:
+            y = self._forward_cuda(x2)
+        else:
+            y = self._forward_cpu(x2)
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def _forward_cpu(self, x2: torch.Tensor) -> torch.Tensor:
         if x2.shape[0] <= KERNEL_MAX_BATCH and not self.packed.transposed:
-            y = torch.from_numpy(self.packed.matmul(x2.detach().cpu().numpy()))
+            y = torch.from_numpy(self.packed.matmul(x2.detach().numpy()))
         else:
             w = torch.from_numpy(self.packed.dequantize())
             y = x2 @ w.T
         if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+            y = y + self.bias.to(y.device)
+        return y
+
+    def _forward_cuda(self, x2: torch.Tensor) -> torch.Tensor:
+        self.to_device(x2.device)
+        gpu = self._gpu[x2.device if x2.device.index is not None else torch.device("cuda", 0)]
+        n = x2.shape[0]
+        bias = None if self.bias is None else self.bias.to(device=x2.device, dtype=torch.float32)
+        if n <= KERNEL_MAX_BATCH:
+            if bias is None:
+                y = torch.zeros(n, self.out_features, dtype=torch.float32, device=x2.device)
+            else:
+                y = bias.expand(n, -1).contiguous()
+            return gpu.matmul_(x2, y)
+        return torch.nn.functional.linear(x2, gpu.dequantize(torch.float32), bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"kind={self.packed.kind}, bits={8 * self.packed.nbytes() / (self.in_features * self.out_features):.3f}")
+
+
+def resolve_device(device: str) -> str:
+    """'cpu', 'cuda' or 'auto' -> the device packed layers run on, with a clear error when
+    CUDA is asked for and cannot be used."""
+    if device not in ("cpu", "cuda", "auto") and not device.startswith("cuda:"):
+        raise InputError(f"device {device!r}: use cpu, cuda, cuda:N or auto")
+    gpu_ok = torch.cuda.is_available() and _core.cuda_available()
+    if device == "auto":
+        return "cuda" if gpu_ok else "cpu"
+    if device.startswith("cuda") and not gpu_ok:
+        if not _core.cuda_available() and not getattr(_core, "with_cuda", False):
+            raise InputError("device 'cuda': this build of cvxq-tui has no CUDA kernels; reinstall with "
+                             "CVXQ_CUDA=ON bash tools/install.sh (needs nvcc), or use --device cpu")
+        raise InputError("device 'cuda': no CUDA GPU is visible to torch and the CUDA runtime; "
+                         "use --device cpu")
+    return device
 
 
 def _set_module(model, name: str, module) -> None:
@@ -54,9 +144,7 @@ def load_quantized(folder, device: str = "cpu"):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
-    if device not in ("cpu", "auto"):
-        raise InputError(f"device {device!r}: packed models run on the CPU in this version "
-                         "(the CUDA kernels are not built yet); use device='cpu'")
+    device = resolve_device(device)
     if not (folder / "config.json").is_file():
         raise FormatError(f"{folder} has no config.json: is it a cvxq-tui output folder?")
     packed, rest, _meta = read_model_file(folder / MODEL_FILE)
@@ -78,6 +166,11 @@ def load_quantized(folder, device: str = "cpu"):
         if left:
             raise FormatError(f"{folder}: weights missing from {MODEL_FILE}: {left[:3]}")
     model.eval()
+    if device != "cpu":
+        model.to(device)
+        for mod in model.modules():
+            if isinstance(mod, QuantLinear):
+                mod.to_device(device)
     return model
 
 

@@ -1,0 +1,268 @@
+"""Kernels that run packed models: time and bandwidth against the dense reference measured in
+the same run.
+
+    python bench/kernels.py gpu   # CUDA GEMV/GEMM vs torch fp16 (cuBLAS) on the same GPU
+    python bench/kernels.py cpu   # AVX2 matvec vs torch fp32; decode tokens/s of the default model
+
+GPU method: bytes each kernel must read (payload + depth map + loc/scale + tile offsets + x,
+plus y written) over the device's measured copy bandwidth is the floor; times are medians of
+CUDA-event timings after warm-up, rotating over enough copies of each layer that L2 (50 MB on
+an H100) holds none of them between runs. Layers have mixed per-group depths (a quarter one
+bit below the average, half at it, a quarter one above) in groups of 64 rows, as the pipeline
+writes them; the payload words are random bits (every bit pattern is a valid index).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if os.environ.get("CVXQ_DEV_CORE_DIR"):  # a core built by hand (cmake -B build/...), as in tests/conftest.py
+    import cvxq_tui
+
+    cvxq_tui.__path__.insert(0, os.path.abspath(os.environ["CVXQ_DEV_CORE_DIR"]))
+
+SHAPES = [(12288, 49152), (8192, 28672), (4096, 4096), (4096, 11008), (11008, 4096)]  # (out, in)
+
+
+def _gpu_layer(out_f, in_f, bits, group_rows, rng, torch, _core):
+    g = _core.geometry(out_f, in_f, group_rows)
+    depth = (bits + rng.choice(np.array([-1, 0, 0, 1], dtype=np.int64), size=(g["n_clusters"], in_f))).astype(np.uint8)
+    offsets = _core.tile_offsets(out_f, in_f, group_rows, depth)
+    words = int(offsets[-1])
+    dev = "cuda"
+    args = dict(
+        rows=out_f, cols=in_f, group_rows=group_rows, transposed=False,
+        depth=torch.from_numpy(depth.reshape(-1)).to(dev),
+        tile_offset=torch.from_numpy(offsets.view(np.int32)).to(dev),
+        payload=torch.randint(-2**31, 2**31 - 1, (words,), dtype=torch.int32, device=dev),
+        loc=torch.from_numpy((0.01 * rng.standard_normal(depth.size)).astype(np.float16).view(np.int16)).to(dev),
+        scale=torch.from_numpy(np.abs(0.02 * rng.standard_normal(depth.size)).astype(np.float16).view(np.int16)).to(dev),
+        table=torch.from_numpy(rng.standard_normal(_core.TABLE_SIZE).astype(np.float32)).to(dev),
+        perm=torch.from_numpy(rng.permutation(out_f).astype(np.int32)).to(dev))
+    nbytes = sum(v.numel() * v.element_size() for k, v in args.items() if hasattr(v, "numel"))
+    return args, nbytes, float(depth.mean())
+
+
+def _time_cuda(torch, fns, reps=30, warmup=3):
+    """Median microseconds of one call, from CUDA-event timings of a captured CUDA graph that
+    makes each call of fns once (so host overhead and launch gaps stay out of the numbers)."""
+    for _ in range(warmup):
+        for f in fns:
+            f()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for f in fns:  # warm-up on the capture stream, as torch's graph docs ask
+            f()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        for f in fns:
+            f()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / len(fns))
+    return statistics.median(times)
+
+
+def gpu(args):
+    import torch
+
+    from cvxq_tui import _core
+
+    if not (torch.cuda.is_available() and _core.cuda_available()):
+        sys.exit("bench/kernels.py gpu: needs a GPU and a build with CVXQ_CUDA=ON")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    props = torch.cuda.get_device_properties(0)
+    print(f"device: {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}")
+    n = 1 << 28  # 1 GiB copy, counting read + write
+    src = torch.empty(n, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):  # 1 GiB per copy: launch overhead is negligible, no graph needed
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    copy_bw = 2 * src.numel() * 4 / (statistics.median(times[2:]) * 1e-3)
+    del src, dst
+    print(f"measured copy bandwidth: {copy_bw / 1e12:.3f} TB/s (read + write)")
+    rng = np.random.default_rng(0)
+    l2 = getattr(props, "L2_cache_size", 50 << 20)
+    rows = []
+    shapes = SHAPES if not args.quick else SHAPES[2:3]
+    for out_f, in_f in shapes:
+        w16_bytes = out_f * in_f * 2
+        n_w = max(1, -(-4 * l2 // w16_bytes))
+        ws = [torch.randn(out_f, in_f, device="cuda", dtype=torch.float16) for _ in range(n_w)]
+        for batch in args.batches:
+            xs16 = [torch.randn(batch, in_f, device="cuda", dtype=torch.float16) for _ in range(4)]
+            us16 = _time_cuda(torch, [lambda i=i: torch.nn.functional.linear(xs16[i % 4], ws[i % n_w]) for i in range(max(n_w, 8))])
+            bw16 = (w16_bytes + batch * (in_f + out_f) * 2) / (us16 * 1e-6)
+            for bits in args.bits:
+                layer, nbytes, mean_depth = _gpu_layer(out_f, in_f, bits, args.group_rows, rng, torch, _core)
+                n_q = max(1, -(-4 * l2 // nbytes))
+                layers = [layer] + [dict(layer, payload=layer["payload"].clone(), depth=layer["depth"].clone(),
+                                         loc=layer["loc"].clone(), scale=layer["scale"].clone())
+                                    for _ in range(n_q - 1)]
+                xs = [torch.randn(batch, in_f, device="cuda") for _ in range(4)]
+                ys = [torch.zeros(batch, out_f, device="cuda") for _ in range(4)]
+
+                def step(i):
+                    y = ys[i % 4]
+                    y.zero_()
+                    _core.cuda_matmul(**layers[i % n_q], x=xs[i % 4], y=y, stream=torch.cuda.current_stream().cuda_stream)
+
+                # correctness on this very layer, against a dense product of the GPU's own decode
+                ref_w = torch.empty(out_f, in_f, device="cuda")
+                _core.cuda_dequantize(**layer, out=ref_w)
+                step(0)
+                ref = xs[0].double() @ ref_w.double().T
+                err = float((ys[0].double() - ref).norm() / ref.norm())
+                del ref_w, ref
+                usq = _time_cuda(torch, [lambda i=i: step(i) for i in range(max(n_q, 8))])
+                moved = nbytes + batch * (in_f + out_f) * 4
+                bw = moved / (usq * 1e-6)
+                floor = moved / copy_bw * 1e6
+                rows.append((f"{out_f}x{in_f}", batch, bits, mean_depth, 8 * nbytes / (out_f * in_f),
+                             us16, usq, us16 / usq, bw / copy_bw, floor, bw16 / copy_bw, err))
+                del layers, xs, ys
+                torch.cuda.empty_cache()
+        del ws
+        torch.cuda.empty_cache()
+    print()
+    print(f"{'shape (out x in)':>16} {'batch':>5} {'bits':>4} {'depth':>5} {'all-in':>6} {'fp16 us':>8} "
+          f"{'cvxq us':>8} {'speed-up':>8} {'bw/copy':>7} {'floor us':>8} {'fp16 bw/copy':>12} {'rel.err':>8}")
+    for r in rows:
+        print(f"{r[0]:>16} {r[1]:>5} {r[2]:>4} {r[3]:>5.2f} {r[4]:>6.2f} {r[5]:>8.1f} {r[6]:>8.1f} "
+              f"{r[7]:>7.2f}x {r[8]:>7.2f} {r[9]:>8.1f} {r[10]:>12.2f} {r[11]:>8.1e}")
+
+
+def cpu(args):
+    import os
+    import resource
+
+    import torch
+
+    from cvxq_tui import _core
+    from cvxq_tui.packed import PackedLinear
+
+    torch.set_num_threads(args.threads)
+    print(f"CPU: {args.threads} threads, core ISA {_core.active_isa()}, torch {torch.__version__}")
+    rng = np.random.default_rng(0)
+    for out_f, in_f in [(4096, 4096), (1536, 576), (576, 1536)]:
+        g = _core.geometry(out_f, in_f, 64)
+        depth = (3 + rng.choice(np.array([-1, 0, 0, 1]), size=(g["n_clusters"], in_f))).astype(np.uint8)
+        row_depth = depth[np.arange(g["rows_pad"]) // 64].astype(np.int64)
+        idx = rng.integers(0, 1 << row_depth).astype(np.uint8)
+        p = PackedLinear.build(out_features=out_f, in_features=in_f, transposed=False, group_rows=64, kind="laplace",
+                               depth=depth, idx=idx, loc=0.01 * rng.standard_normal(depth.shape),
+                               scale=np.abs(0.02 * rng.standard_normal(depth.shape)),
+                               table=rng.standard_normal(_core.TABLE_SIZE).astype(np.float32), perm=None, bias=None)
+        w = torch.from_numpy(p.dequantize())
+        for batch in (1, 8):
+            x = rng.standard_normal((batch, in_f)).astype(np.float32)
+            xt = torch.from_numpy(x)
+
+            def best(fn, reps=30):
+                ts = []
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    fn()
+                    ts.append(time.perf_counter() - t0)
+                return statistics.median(ts)
+
+            t_ref = best(lambda: xt @ w.T)
+            t_avx = best(lambda: p.matmul(x))
+            err = float(np.abs(p.matmul(x) - (xt @ w.T).numpy()).max())
+            print(f"  {out_f}x{in_f} batch {batch}: torch fp32 {t_ref * 1e6:8.0f} us   packed {t_avx * 1e6:8.0f} us   "
+                  f"{t_ref / t_avx:5.2f}x   ({8 * p.nbytes() / w.numel():.2f} bits/w, max diff {err:.1e})")
+    if args.model_dir:
+        _decode_bench(args, torch)
+
+
+def _decode_bench(args, torch):
+    """Tokens/s of greedy decoding, quantized (load_quantized) vs the fp32 model, and RSS."""
+    import gc
+    import resource
+
+    from cvxq_tui.runtime import load_quantized, dequantized_model
+
+    def rss_mb():
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def decode(model, steps):
+        ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+        with torch.no_grad():
+            out = model(ids, use_cache=True)
+            past = out.past_key_values
+            nxt = out.logits[:, -1:].argmax(-1)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                out = model(nxt, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                nxt = out.logits[:, -1:].argmax(-1)
+            return steps / (time.perf_counter() - t0)
+
+    base = rss_mb()
+    q = load_quantized(args.model_dir)
+    q_rss = rss_mb() - base
+    tq = decode(q, 8)
+    tq = decode(q, args.steps)
+    qlin = sum(m.packed.nbytes() for m in q.modules() if hasattr(m, "packed"))
+    del q
+    gc.collect()
+    base = rss_mb()
+    d = dequantized_model(args.model_dir)  # same weights, dense fp32 Linear layers
+    d_rss = rss_mb() - base
+    td = decode(d, 8)
+    td = decode(d, args.steps)
+    dlin = sum(m.weight.numel() * 4 for n, m in d.named_modules()
+               if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
+    print(f"decode, {args.steps} tokens after an 8-token prompt, greedy, batch 1:")
+    print(f"  fp32 dense   : {td:7.2f} tok/s   RSS +{d_rss:7.1f} MB   decoder Linear weights {dlin / 1e6:7.1f} MB")
+    print(f"  cvxq packed  : {tq:7.2f} tok/s   RSS +{q_rss:7.1f} MB   decoder Linear weights {qlin / 1e6:7.1f} MB")
+    print(f"  speed ratio packed/dense: {tq / td:.2f}x")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    g = sub.add_parser("gpu")
+    g.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    g.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    g.add_argument("--group-rows", type=int, default=64)
+    g.add_argument("--quick", action="store_true", help="one shape only")
+    c = sub.add_parser("cpu")
+    c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--model-dir", help="a cvxq-tui output folder for the decode benchmark")
+    c.add_argument("--steps", type=int, default=64)
+    a = ap.parse_args()
+    gpu(a) if a.what == "gpu" else cpu(a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""One launch of the packed GEMV on a big layer, for a profiler (ncu) to look at.
+    ncu --kernel-name regex:matmul_rows --launch-skip 2 --launch-count 1 python bench/profile_cuda.py"""
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if os.environ.get("CVXQ_DEV_CORE_DIR"):
+    import cvxq_tui
+
+    cvxq_tui.__path__.insert(0, os.path.abspath(os.environ["CVXQ_DEV_CORE_DIR"]))
+from cvxq_tui import _core  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernels import _gpu_layer  # noqa: E402
+
+out_f, in_f = (int(v) for v in os.environ.get("SHAPE", "12288x49152").split("x"))
+layer, _, _ = _gpu_layer(out_f, in_f, int(os.environ.get("BITS", "3")), 64, np.random.default_rng(0), torch, _core)
+x = torch.randn(1, in_f, device="cuda")
+y = torch.zeros(1, out_f, device="cuda")
+for _ in range(4):
+    _core.cuda_matmul(**layer, x=x, y=y)
+torch.cuda.synchronize()

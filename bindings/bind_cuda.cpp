@@ -1,0 +1,121 @@
+// The CUDA kernels (core/cuda) for arrays that live on a GPU: torch CUDA tensors or any
+// DLPack producer. Without CVXQ_CUDA the functions exist and say how to get them.
+//
+// Packed arrays arrive with signed dtypes of the same width as the format's (payload and
+// tile offsets as int32, loc/scale float16 bits as int16), because torch has no uint32 or
+// uint16 tensors worth relying on. The layer must have been validated on the host
+// (PackedLayer does that) before its arrays were copied to the device.
+#include "common.hpp"
+#include "cvxq/format.hpp"
+
+#ifdef CVXQ_WITH_CUDA
+#include "cvxq/cuda.hpp"
+#endif
+
+namespace cvxq::py {
+
+namespace {
+
+#ifdef CVXQ_WITH_CUDA
+template <class T>
+using Dev1 = nb::ndarray<T, nb::ndim<1>, nb::c_contig, nb::device::cuda>;
+template <class T>
+using Dev2 = nb::ndarray<T, nb::ndim<2>, nb::c_contig, nb::device::cuda>;
+
+struct DevLayerArgs {
+  int64_t rows, cols, group_rows;
+  Dev1<const uint8_t> depth;
+  Dev1<const int32_t> tile_offset, payload;
+  Dev1<const int16_t> loc, scale;
+  Dev1<const float> table;
+  std::optional<Dev1<const int32_t>> perm;
+};
+
+cuda::DeviceLayer device_layer(const DevLayerArgs& a) {
+  cuda::DeviceLayer L;
+  L.geom = make_geometry(a.rows, a.cols, a.group_rows);
+  expect_size("depth", a.depth.size(), L.geom.n_groups());
+  expect_size("tile_offset", a.tile_offset.size(), L.geom.n_offsets());
+  expect_size("loc", a.loc.size(), L.geom.n_groups());
+  expect_size("scale", a.scale.size(), L.geom.n_groups());
+  expect_size("table", a.table.size(), kTableSize);
+  if (a.perm) expect_size("perm", a.perm->size(), L.geom.rows);
+  const int dev = a.depth.device_id();
+  for (int other : {a.tile_offset.device_id(), a.payload.device_id(), a.loc.device_id(),
+                    a.scale.device_id(), a.table.device_id()})
+    if (other != dev) throw ValueError("the packed arrays of one layer are on different GPUs");
+  L.depth = a.depth.data();
+  L.tile_offset = reinterpret_cast<const uint32_t*>(a.tile_offset.data());
+  L.payload = reinterpret_cast<const uint32_t*>(a.payload.data());
+  L.loc = reinterpret_cast<const uint16_t*>(a.loc.data());
+  L.scale = reinterpret_cast<const uint16_t*>(a.scale.data());
+  L.table = a.table.data();
+  L.perm = a.perm ? a.perm->data() : nullptr;
+  return L;
+}
+
+#define CVXQ_LAYER_ARGS                                                                   \
+  nb::arg("rows"), nb::arg("cols"), nb::arg("group_rows"), nb::arg("transposed"),         \
+      nb::arg("depth").noconvert(), nb::arg("tile_offset").noconvert(),                   \
+      nb::arg("payload").noconvert(), nb::arg("loc").noconvert(),                         \
+      nb::arg("scale").noconvert(), nb::arg("table").noconvert(),                         \
+      nb::arg("perm").noconvert().none()
+#endif
+
+}  // namespace
+
+void bind_cuda(nb::module_& m) {
+#ifdef CVXQ_WITH_CUDA
+  static nb::exception<cuda::DeviceError> device_exc(m, "CudaError", PyExc_RuntimeError);
+  m.def("cuda_available", [] { return cuda::available(); },
+        "True when this build has the CUDA kernels and the CUDA runtime sees a GPU.");
+  m.def(
+      "cuda_matmul",
+      [](int64_t rows, int64_t cols, int64_t group_rows, bool transposed, Dev1<const uint8_t> depth,
+         Dev1<const int32_t> tile_offset, Dev1<const int32_t> payload, Dev1<const int16_t> loc,
+         Dev1<const int16_t> scale, Dev1<const float> table, std::optional<Dev1<const int32_t>> perm,
+         Dev2<const float> x, Dev2<float> y, uintptr_t stream) {
+        const cuda::DeviceLayer L = device_layer(
+            {rows, cols, group_rows, depth, tile_offset, payload, loc, scale, table, perm});
+        const int64_t in = transposed ? rows : cols, out = transposed ? cols : rows;
+        expect_rows_cols("x", x.shape(0), x.shape(1), (int64_t)x.shape(0), in);
+        expect_rows_cols("y", y.shape(0), y.shape(1), (int64_t)x.shape(0), out);
+        if (x.device_id() != depth.device_id() || y.device_id() != depth.device_id())
+          throw ValueError("x, y and the packed layer must be on the same GPU");
+        nb::gil_scoped_release release;
+        cuda::matmul(L, transposed, x.data(), (int64_t)x.shape(0), y.data(),
+                     reinterpret_cast<void*>(stream));
+      },
+      CVXQ_LAYER_ARGS, nb::arg("x").noconvert(), nb::arg("y").noconvert(), nb::arg("stream") = 0,
+      "y += W^ x for float32 x [n, in_features] and y [n, out_features] on the GPU, "
+      "decoding the packed layer on the fly (no dense copy of W). Asynchronous on `stream` "
+      "(a cudaStream_t as an int, e.g. torch.cuda.current_stream().cuda_stream).");
+  m.def(
+      "cuda_dequantize",
+      [](int64_t rows, int64_t cols, int64_t group_rows, bool transposed, Dev1<const uint8_t> depth,
+         Dev1<const int32_t> tile_offset, Dev1<const int32_t> payload, Dev1<const int16_t> loc,
+         Dev1<const int16_t> scale, Dev1<const float> table, std::optional<Dev1<const int32_t>> perm,
+         nb::ndarray<nb::ndim<2>, nb::c_contig, nb::device::cuda> out, uintptr_t stream) {
+        const cuda::DeviceLayer L = device_layer(
+            {rows, cols, group_rows, depth, tile_offset, payload, loc, scale, table, perm});
+        const int64_t of = transposed ? cols : rows, inf = transposed ? rows : cols;
+        expect_rows_cols("out", out.shape(0), out.shape(1), of, inf);
+        const auto dt = out.dtype();
+        const bool half = dt == nb::dtype<int16_t>() ||
+                          (dt.code == (uint8_t)nb::dlpack::dtype_code::Float && dt.bits == 16);
+        if (!half && dt != nb::dtype<float>())
+          throw ValueError("out must be float32 or float16");
+        if (out.device_id() != depth.device_id())
+          throw ValueError("out and the packed layer must be on the same GPU");
+        nb::gil_scoped_release release;
+        cuda::dequantize(L, transposed, out.data(), half, reinterpret_cast<void*>(stream));
+      },
+      CVXQ_LAYER_ARGS, nb::arg("out").noconvert(), nb::arg("stream") = 0,
+      "Dense W [out_features, in_features] into `out` (float32 or float16) on the GPU.");
+#else
+  m.def("cuda_available", [] { return false; },
+        "False: this build has no CUDA kernels (rebuild with CVXQ_CUDA=ON).");
+#endif
+}
+
+}  // namespace cvxq::py

@@ -1,0 +1,143 @@
+"""The CUDA kernels (core/cuda) against the CPU reference: products straight from the packed
+data for batches 1..40, dense dequantization, on random layers of many shapes and depths and
+on real layers of the default model. Skipped where no GPU or no CUDA build exists; the part
+that says so clearly runs everywhere."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cvxq_tui import _core
+from cvxq_tui.errors import InputError
+from cvxq_tui.packed import PackedLinear
+from cvxq_tui.runtime import CudaPacked, resolve_device
+
+from test_packed import random_layer
+
+HAVE_GPU = bool(_core.cuda_available()) and torch.cuda.is_available()
+needs_gpu = pytest.mark.skipif(not HAVE_GPU, reason="needs an NVIDIA GPU and a build with CVXQ_CUDA=ON")
+
+# Real layers of the default model, packed by the pipeline (a default job's quantized
+# tensors); used where present.
+REAL_LAYERS = Path(os.environ.get("CVXQ_REAL_LAYERS",
+                                  Path(__file__).resolve().parents[1] / ".devdata" / "real_layers.safetensors"))
+
+
+def test_cuda_device_refused_clearly_without_a_gpu():
+    if HAVE_GPU:
+        assert resolve_device("cuda") == "cuda"
+        assert resolve_device("auto") == "cuda"
+        return
+    with pytest.raises(InputError, match="cuda"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == "cpu"
+    with pytest.raises(InputError, match="cpu, cuda"):
+        resolve_device("tpu")
+
+
+def packed_from(layer, transposed):
+    rows, cols = layer["rows"], layer["cols"]
+    out_f, in_f = (cols, rows) if transposed else (rows, cols)
+    return PackedLinear(out_f, in_f, transposed, layer["group_rows"], "lloyd", layer["depth"],
+                        layer["payload"], layer["loc"], layer["scale"], layer["table"], layer["perm"])
+
+
+def reference(p: PackedLinear, x: np.ndarray) -> np.ndarray:
+    """x @ W^T in float64 from the CPU's dense reconstruction."""
+    w = p.dequantize().astype(np.float64)
+    return x.astype(np.float64) @ w.T
+
+
+def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+CASES = [  # rows, cols, group_rows, max depth
+    (1, 1, 32, 0), (33, 5, 32, 8), (300, 80, 96, 8), (64, 1000, 64, 3), (1000, 33, 256, 8),
+    (576, 1536, 64, 8), (1536, 576, 128, 4), (4096, 256, 64, 2),
+]
+
+
+@needs_gpu
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_cuda_products_match_reference(case, transposed):
+    rows, cols, group_rows, max_depth = case
+    for seed in range(2):  # fresh inputs each time: the kernel must compute the function
+        layer, _ = random_layer(rows, cols, group_rows, seed=100 + seed, max_depth=max_depth)
+        p = packed_from(layer, transposed)
+        gpu = CudaPacked(p, "cuda")
+        rng = np.random.default_rng(seed)
+        for n in (1, 2, 3, 4, 5, 8, 9, 16, 17, 40):
+            x = rng.standard_normal((n, p.in_features)).astype(np.float32)
+            y0 = rng.standard_normal((n, p.out_features)).astype(np.float32)  # kernels add into y
+            y = torch.from_numpy(y0).cuda()
+            gpu.matmul_(torch.from_numpy(x).cuda(), y)
+            got = y.cpu().numpy().astype(np.float64) - y0
+            ref = reference(p, x)
+            assert np.isfinite(got).all()
+            assert rel_err(got, ref) < 2e-5, (case, transposed, n)
+
+
+@needs_gpu
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_cuda_dequantize_is_bit_exact(case, transposed):
+    rows, cols, group_rows, max_depth = case
+    layer, _ = random_layer(rows, cols, group_rows, seed=7, max_depth=max_depth)
+    p = packed_from(layer, transposed)
+    gpu = CudaPacked(p, "cuda")
+    cpu = p.dequantize()
+    for dtype, want in ((torch.float32, cpu), (torch.float16, cpu.astype(np.float16))):
+        out = torch.full(gpu.shape, float("nan"), dtype=dtype, device="cuda")  # every element must be written
+        _core.cuda_dequantize(**gpu.args, out=out)
+        got = out.cpu().numpy()
+        assert np.array_equal(got, want), (case, transposed, dtype)
+
+
+def real_layers():
+    from safetensors.numpy import load_file
+
+    t = load_file(str(REAL_LAYERS))
+    prefixes = sorted({k.split(".cvxq.")[0] for k in t if ".cvxq." in k})
+    return [(name, PackedLinear.from_tensors(name, t)) for name in prefixes]
+
+
+@needs_gpu
+@pytest.mark.skipif(not REAL_LAYERS.is_file(), reason="no packed layers of the default model at CVXQ_REAL_LAYERS")
+def test_cuda_on_real_default_model_layers():
+    layers = real_layers()
+    assert len(layers) >= 7
+    rng = np.random.default_rng(0)
+    for name, p in layers:
+        gpu = CudaPacked(p, "cuda")
+        out = torch.empty(gpu.shape, dtype=torch.float32, device="cuda")
+        _core.cuda_dequantize(**gpu.args, out=out)
+        assert np.array_equal(out.cpu().numpy(), p.dequantize()), name
+        for n in (1, 8, 16):
+            x = rng.standard_normal((n, p.in_features)).astype(np.float32)
+            y = torch.zeros(n, p.out_features, device="cuda")
+            gpu.matmul_(torch.from_numpy(x).cuda(), y)
+            assert rel_err(y.cpu().numpy(), reference(p, x)) < 2e-5, (name, n)
+            # the CPU kernels agree too
+            assert rel_err(p.matmul(x), reference(p, x)) < 2e-5, (name, n)
+
+
+@needs_gpu
+def test_quant_linear_runs_on_the_gpu_for_small_and_large_batches():
+    from cvxq_tui.runtime import QuantLinear
+
+    layer, _ = random_layer(640, 384, 64, seed=3, max_depth=5)
+    p = packed_from(layer, False)
+    p.bias = np.random.default_rng(1).standard_normal(p.out_features).astype(np.float16).astype(np.float32)
+    q = QuantLinear(p).to_device("cuda")
+    for n in (1, 7, 16, 100):  # above 16 rows the layer is decoded transiently
+        x = torch.randn(2, n, p.in_features)
+        want = reference(p, x.reshape(-1, p.in_features).numpy()) + p.bias
+        got = q(x.cuda()).reshape(-1, p.out_features).cpu().numpy()
+        assert rel_err(got, want) < 2e-5, n
+        cpu = q(x).reshape(-1, p.out_features).numpy()
+        assert rel_err(cpu, want) < 2e-5, n

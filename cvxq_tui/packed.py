@@ -194,7 +194,10 @@ class PackedLinear:
                     np.ascontiguousarray(scale.reshape(g["n_clusters"], cols)).view(np.uint16),
                     np.ascontiguousarray(table), perm,
                     None if bias is None else bias.astype(np.float32))
-        layer.core()  # validates depths, offsets, payload length, permutation
+        try:
+            layer.core()  # validates depths, offsets, payload length, permutation
+        except FormatError as e:
+            raise FormatError(f"layer {prefix}: {e}") from None
         return layer
 
 
@@ -298,7 +301,11 @@ def read_model_file(path: Path) -> tuple[dict[str, PackedLinear], dict[str, np.n
                           f"reads version {FORMAT_VERSION} (re-run the job with this version)")
     _verify_checksums(path, meta, tensors)
     prefixes = sorted({k[: -len(".cvxq.meta")] for k in tensors if k.endswith(".cvxq.meta")})
-    packed = {p: PackedLinear.from_tensors(p, tensors) for p in prefixes}
+    try:
+        packed = {p: PackedLinear.from_tensors(p, tensors) for p in prefixes}
+    except FormatError as e:
+        raise FormatError(f"{path}: {e}; the file is damaged or was not written by this cvxq-tui: "
+                          "copy it again or re-run the job") from None
     owned = {k for k in tensors if any(k.startswith(p + ".cvxq.") or k == p + ".bias" for p in prefixes)}
     rest = {k: v for k, v in tensors.items() if k not in owned}
     return packed, rest, meta

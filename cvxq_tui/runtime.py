@@ -64,9 +64,22 @@ def load_quantized(folder, device: str = "cpu"):
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
     for name, layer in packed.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            old = None
+        if not isinstance(old, torch.nn.Linear) or (old.out_features, old.in_features) != (
+                layer.out_features, layer.in_features):
+            want = "no such layer" if old is None else f"{getattr(old, 'out_features', '?')}x{getattr(old, 'in_features', '?')}"
+            raise FormatError(f"{folder}: packed layer {name} is {layer.out_features}x{layer.in_features} but "
+                              f"config.json's model has {want}; the folder's files do not belong together")
         _set_module(model, name, QuantLinear(layer))
     state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in rest.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # size mismatches
+        raise FormatError(f"{folder}: {MODEL_FILE} does not fit config.json ({str(e).strip()[:300]}); "
+                          "the folder's files do not belong together") from None
     if unexpected:
         raise FormatError(f"{folder}: tensors the model does not have: {unexpected[:3]}")
     model.tie_weights()

@@ -143,11 +143,9 @@ def eval_command(
     if not folder.exists():
         raise InputError(f"{folder} does not exist")
     if (folder / MODEL_FILE).is_file() and (folder / "job.json").is_file():
-        from transformers import AutoTokenizer
-
-        from .runtime import load_quantized
+        from .runtime import load_quantized, load_tokenizer
         model = load_quantized(folder)
-        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        tok = load_tokenizer(folder)
     else:
         loaded = models.load_model(str(folder))
         model, tok = loaded.model, loaded.tokenizer

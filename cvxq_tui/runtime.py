@@ -60,7 +60,11 @@ def load_quantized(folder, device: str = "cpu"):
     if not (folder / "config.json").is_file():
         raise FormatError(f"{folder} has no config.json: is it a cvxq-tui output folder?")
     packed, rest, _meta = read_model_file(folder / MODEL_FILE)
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # transformers raises OSError, ValueError, JSONDecodeError...
+        raise FormatError(f"{folder}/config.json cannot be read ({_brief(e)}); the folder is damaged: "
+                          "re-run the job or copy config.json from the original model") from None
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
     for name, layer in packed.items():
@@ -122,8 +126,6 @@ def dequantized_model(folder):
 
 def export(folder, out) -> Path:
     """Write a plain dequantized HF checkpoint that any runtime loads."""
-    from transformers import AutoTokenizer
-
     out = Path(out)
     model = dequantized_model(folder)
     has_bias = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.bias is not None}
@@ -137,8 +139,19 @@ def export(folder, out) -> Path:
         _zero_fill_biases(model)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(folder, local_files_only=True).save_pretrained(out)
+    load_tokenizer(folder).save_pretrained(out)
     return out
+
+
+def load_tokenizer(folder):
+    """The tokenizer an output folder holds, or a FormatError saying it is missing."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # missing files raise OSError or ValueError, damaged ones others
+        raise FormatError(f"{folder}: the tokenizer files are missing or damaged ({_brief(e)}); re-run "
+                          "the job or copy tokenizer.json and tokenizer_config.json from the original model") from None
 
 
 def _zero_fill_biases(model) -> None:
@@ -147,3 +160,8 @@ def _zero_fill_biases(model) -> None:
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and mod.bias is None and not name.endswith("lm_head"):
             mod.bias = torch.nn.Parameter(torch.zeros(mod.out_features))
+
+
+def _brief(e: Exception, limit: int = 160) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
 
-from .errors import CvxqError, ExitCode, InputError
+from .errors import CvxqError, ExitCode, InputError, JobCancelled
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
@@ -86,15 +87,44 @@ def _run_batch(spec, json_out: bool) -> None:
 
     console = Console(stderr=True)
     cancel = CancelToken()
-    if console.is_terminal:
-        with RichRenderer(console) as r:
-            report = run(spec, r, cancel)
-    else:
-        report = run(spec, PlainRenderer(), cancel)
+    with _stop_on_signals(cancel):
+        if console.is_terminal:
+            with RichRenderer(console) as r:
+                report = run(spec, r, cancel)
+        else:
+            report = run(spec, PlainRenderer(), cancel)
     if json_out:
         print(json.dumps(report, indent=2))
     else:
         Console().print(summary_table(report))
+
+
+@contextmanager
+def _stop_on_signals(cancel):
+    """The first SIGINT (Ctrl-C) or SIGTERM asks the job to stop after its current work unit:
+    what is finished stays in --out and the exit code is 130. A second one stops at once."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    seen = []
+
+    def handler(signum, frame):
+        if seen:
+            raise KeyboardInterrupt
+        seen.append(signum)
+        print(f"\n{signal.Signals(signum).name}: stopping after the current step; finished work is kept "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+        cancel.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 @app.command("eval")
@@ -113,11 +143,9 @@ def eval_command(
     if not folder.exists():
         raise InputError(f"{folder} does not exist")
     if (folder / MODEL_FILE).is_file() and (folder / "job.json").is_file():
-        from transformers import AutoTokenizer
-
-        from .runtime import load_quantized
+        from .runtime import load_quantized, load_tokenizer
         model = load_quantized(folder)
-        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        tok = load_tokenizer(folder)
     else:
         loaded = models.load_model(str(folder))
         model, tok = loaded.model, loaded.tokenizer
@@ -147,12 +175,19 @@ def export_command(
 def main() -> None:
     try:
         app(standalone_mode=False)
+    except JobCancelled as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(int(e.exit_code))
     except CvxqError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(int(e.exit_code))
     except KeyboardInterrupt:
         print("interrupted; finished layers are kept: rerun with --resume to continue", file=sys.stderr)
         sys.exit(int(ExitCode.INTERRUPTED))
+    except MemoryError:
+        print("error: out of memory; finished layers are kept: quantize fewer layers at a time (--include), "
+              "lower --calib-samples/--seq-len, or free memory, then rerun with --resume", file=sys.stderr)
+        sys.exit(int(ExitCode.FAILURE))
     except Exception as e:  # click usage errors and anything unexpected
         if isinstance(e, typer.Exit):
             sys.exit(getattr(e, "exit_code", 0))

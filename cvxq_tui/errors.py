@@ -41,6 +41,10 @@ class OutputError(CvxqError):
     """An output folder that cannot be written or already holds another job."""
 
 
+class ResourceError(CvxqError):
+    """Not enough memory (or another machine resource) for the requested settings."""
+
+
 class FormatError(CvxqError):
     """A packed model on disk that is corrupt, truncated or of another format version."""
 

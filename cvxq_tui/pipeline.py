@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import hashlib
 import json
 import resource
 import shutil
@@ -17,7 +18,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from . import _core
+from . import _core, checkpoints, faults
 from .errors import BudgetError, InputError, JobCancelled, OutputError
 from .events import (Allocation, Finished, LayerDone, LayerInfo, Log, StageFinished, StageProgress,
                      StageStarted)
@@ -103,6 +104,7 @@ def pinned_depth(name: str, spec: JobSpec) -> Optional[int]:
 # --- output folder ---------------------------------------------------------------------------
 def prepare_output(spec: JobSpec) -> Path:
     out = Path(spec.out).expanduser()
+    started = None
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file; give a folder path")
     job_file = out / JOB_FILE
@@ -116,7 +118,8 @@ def prepare_output(spec: JobSpec) -> Path:
             if spec.overwrite:
                 shutil.rmtree(out)
             elif spec.resume and same:
-                pass
+                checkpoints.remove_stale_temporaries(out)
+                started = old.get("started")
             elif spec.resume:
                 raise OutputError(f"{out} holds a different job (other model, budget or settings); "
                                   "--resume needs the same options, or use --overwrite or another --out")
@@ -136,10 +139,19 @@ def prepare_output(spec: JobSpec) -> Path:
         probe.unlink()
     except OSError as e:
         raise OutputError(f"cannot write to {out}: {e.strerror}; choose a writable --out folder") from None
-    record = {"identity": spec.identity(), "spec": spec.to_dict(), "command": spec.batch_command(),
-              "tool": "cvxq-tui", "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")
+    record = {"identity": spec.identity(), "job_id": job_id(spec), "spec": spec.to_dict(),
+              "command": spec.batch_command(), "tool": "cvxq-tui", "started": started or now}
+    if started:
+        record["resumed"] = now
     write_atomic(job_file, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
     return out
+
+
+def job_id(spec: JobSpec) -> str:
+    """A short name of the job (its identity hashed), recorded in job.json, in the packed
+    model's metadata and in report.json, so each output file says which job made it."""
+    return hashlib.sha256(spec.identity().encode()).hexdigest()[:16]
 
 
 # --- budget ----------------------------------------------------------------------------------
@@ -195,6 +207,9 @@ class Job:
         self.fixed_config = None
         self.ppl_before: dict[str, float] = {}
         self.ppl_after: dict[str, float] = {}
+        self.round = 0
+        # What --resume took from OUT/.work instead of recomputing (reported in report.json).
+        self.reused = {"calibration": False, "perplexity_before": False, "plans": [], "layers": []}
         torch.manual_seed(spec.seed)
 
     # -- load ----------------------------------------------------------------------------
@@ -254,9 +269,18 @@ class Job:
         from . import calibrate
 
         spec = self.spec
+        path = self._work_file(checkpoints.CALIBRATION_FILE)
+        if path and spec.resume:
+            got = checkpoints.load_calibration(path, [n for n, _ in self.layers])
+            if got is not None and (got[1] is not None) == (spec.method == "cvxq"):
+                self.stats, self.g2 = got
+                self.reused["calibration"] = True
+                self.emit(Log("calibration: reused from the interrupted run"))
+                return
 
         def work():
             def prog(done, total, what):
+                faults.point("calibrate")
                 self.emit(StageProgress("calibrate", done, total, what))
             stats = calibrate.collect_input_stats(self.model, self.layers, self.calib,
                                                   need_hessian=self.need_hessian, on_progress=prog,
@@ -269,6 +293,14 @@ class Job:
             return stats, g2
 
         self.stats, self.g2 = self.stages.run("calibrate", work, total=self.calib.shape[0])
+        faults.point("calibrated")
+        if path:
+            checkpoints.save_calibration(path, self.stats, self.g2)
+
+    def _work_file(self, name: str) -> Optional[Path]:
+        """A checkpoint in OUT/.work, or None when the job has no output folder (benchmarks
+        and the TUI's previews run stages without one)."""
+        return self.out / WORK_DIR / name if self.out is not None else None
 
     # -- plan + allocate -------------------------------------------------------------------
     def plan(self) -> None:
@@ -280,10 +312,22 @@ class Job:
         def work():
             for i, (name, mod) in enumerate(self.layers):
                 _check(self.cancel)
-                w = self.original[name].numpy()
-                self.plans[name] = cvxq_method.plan_layer(
-                    name, w, self.g2[name].numpy(), group_rows=spec.group_rows, kind=spec.quantizer,
-                    cancel=self.cancel.core, seed=spec.seed)
+                path = checkpoints.plan_path(self.out / WORK_DIR, self.round, i) if self.out else None
+                plan = None
+                if path and spec.resume:
+                    plan = checkpoints.load_plan(path, name, mod.out_features, mod.in_features,
+                                                 spec.group_rows, spec.quantizer)
+                    if plan is not None:
+                        self.reused["plans"].append(name)
+                if plan is None:
+                    w = self.original[name].numpy()
+                    plan = cvxq_method.plan_layer(
+                        name, w, self.g2[name].numpy(), group_rows=spec.group_rows, kind=spec.quantizer,
+                        cancel=self.cancel.core, seed=spec.seed)
+                    faults.point("plan")
+                    if path:
+                        checkpoints.save_plan(path, plan)
+                self.plans[name] = plan
                 self.emit(StageProgress("plan", i + 1, len(self.layers), name))
 
         self.stages.run("plan", work, total=len(self.layers))
@@ -349,12 +393,17 @@ class Job:
             t0 = time.perf_counter()
             ckpt = self.out / WORK_DIR / f"layer-{i:04d}.npz" if (checkpoints and self.out) else None
             layer = _load_checkpoint(ckpt) if (ckpt and self.spec.resume) else None
+            if layer is not None and not self._checkpoint_fits(name, mod, layer):
+                layer = None  # made under another allocation: redo it
             if layer is None:
                 layer, distortion = self.quantize_layer(name, mod)
+                faults.point("quantize")
                 if ckpt:
                     _save_checkpoint(ckpt, layer, distortion)
             else:
                 distortion = _checkpoint_distortion(ckpt)
+                self.reused["layers"].append(name)
+                self.emit(Log(f"{name}: reused from the interrupted run"))
             self.packed[name] = layer
             dt = time.perf_counter() - t0
             w = self.original[name].numpy()
@@ -366,6 +415,17 @@ class Job:
             self.layer_rows.append(row)
             self.emit(LayerDone(name, (mod.out_features, mod.in_features), row["bits"], nbytes, dt, distortion, mse))
             self.emit(StageProgress("quantize", i + 1, len(self.layers), name))
+
+    def _checkpoint_fits(self, name: str, mod, layer: PackedLinear) -> bool:
+        """A layer checkpoint is used only if it has this layer's shape and the depths this
+        run's allocation gives it."""
+        if (layer.out_features, layer.in_features) != (mod.out_features, mod.in_features):
+            return False
+        if self.spec.method == "cvxq":
+            return np.array_equal(layer.depth, self.depths[name])
+        b, group = self.fixed_config
+        pin = pinned_depth(name, self.spec)
+        return layer.group_rows == group and bool((layer.depth == (pin if pin is not None else b)).all())
 
     def quantize_layer(self, name: str, mod) -> tuple[PackedLinear, float]:
         from .methods import baselines
@@ -440,10 +500,12 @@ class Job:
     # -- save + report ----------------------------------------------------------------
     def save(self) -> None:
         def work():
-            meta = {"spec": json.dumps(self.spec.to_dict()), "method": self.spec.method}
+            meta = {"spec": json.dumps(self.spec.to_dict()), "method": self.spec.method,
+                    "job_id": job_id(self.spec)}
+            # Config and tokenizer first, the model file last: a folder holding a model
+            # file holds everything it needs to load.
+            _save_pretrained_atomic(self.out, self.model.config, self.tok)
             save_model_file(self.out / MODEL_FILE, self.packed, self.rest, meta)
-            self.model.config.save_pretrained(self.out)
-            self.tok.save_pretrained(self.out)
         self.stages.run("save", work)
 
     def totals(self) -> dict:
@@ -468,16 +530,38 @@ class Job:
         if self.out is not None and (self.out / MODEL_FILE).is_file():
             size = (self.out / MODEL_FILE).stat().st_size
             totals.update(model_bytes=size, model_mb=size / 1e6)
-        return {"tool": "cvxq-tui", "command": self.spec.batch_command(), "spec": self.spec.to_dict(),
+        return {"tool": "cvxq-tui", "job_id": job_id(self.spec), "resumed": self.reused,
+                "command": self.spec.batch_command(), "spec": self.spec.to_dict(),
                 "model": dataclasses.asdict(self.loaded.info), "layers": self.layer_rows, "totals": totals}
+
+    def _perplexities_before(self) -> dict[str, float]:
+        path = self._work_file(checkpoints.PERPLEXITY_FILE)
+        if path and self.spec.resume and self.evals:
+            got = checkpoints.load_json(path)
+            if isinstance(got, dict) and set(got) == set(self.evals):
+                self.reused["perplexity_before"] = True
+                return got
+        ppl = self.perplexities("float")
+        if path and ppl:
+            checkpoints.save_json(path, ppl)
+        return ppl
+
+    def check_resources(self) -> None:
+        """Refuse a job this machine cannot finish (memory, disk) before the long stages."""
+        from . import resources
+
+        need = resources.check_memory(self)
+        self.emit(Log(f"memory: about {need / 1e9:.2f} GB needed at the peak (estimate)"))
+        if self.out is not None:
+            resources.check_disk(self)
 
     def run(self) -> dict:
         existed = Path(self.spec.out).expanduser().exists()
         self.out = prepare_output(self.spec)
         try:
             return self._run()
-        except JobCancelled:
-            raise  # keep the folder: --resume continues from the finished layers
+        except (JobCancelled, KeyboardInterrupt):
+            raise  # keep the folder: --resume continues from the finished work
         except BaseException:
             # A job that failed before finishing any layer leaves nothing behind, so the same
             # command can simply be run again.
@@ -491,19 +575,27 @@ class Job:
 
     def _run(self) -> dict:
         self.load()
-        self.ppl_before = self.perplexities("float")
+        _check(self.cancel)
+        self.check_resources()
+        self.ppl_before = self._perplexities_before()
+        _check(self.cancel)
         self.calibrate()
+        _check(self.cancel)
         if self.spec.method == "cvxq":
             self.plan()
         self.allocate()
+        faults.point("allocate")
         rounds = self.spec.rounds if self.spec.method == "cvxq" else 1
         for r in range(rounds):
+            self.round = r
             if r:
                 self.reestimate()
             # Only the final round's layers are kept for --resume.
             self.quantize(checkpoints=r == rounds - 1)
         self.apply()
+        _check(self.cancel)
         self.save()
+        faults.point("saved")
         _check(self.cancel)
         self.ppl_after = self.perplexities("quantized")
         report = self.report()
@@ -516,6 +608,25 @@ class Job:
 def run(spec: JobSpec, on_event: Callable = lambda e: None, cancel: Optional[CancelToken] = None) -> dict:
     """Run a whole job; returns the report (also written to OUT/report.json)."""
     return Job(spec, on_event, cancel).run()
+
+
+def _save_pretrained_atomic(out: Path, *objects) -> None:
+    """save_pretrained of each object into a scratch folder, then every file moved into
+    `out` with write_atomic, so a reader never sees a half-written config or tokenizer."""
+    import tempfile
+
+    scratch = Path(tempfile.mkdtemp(prefix="pretrained-", dir=out / WORK_DIR))
+    try:
+        for obj in objects:
+            obj.save_pretrained(scratch)
+        for f in sorted(scratch.iterdir()):
+            if f.is_file():
+                write_atomic(out / f.name, lambda tmp, f=f: shutil.copyfile(f, tmp))
+    except OSError as e:
+        from .packed import write_error_message
+        raise OutputError(write_error_message(e, out / "config.json")) from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def allocate_cvxq(plans, layers, spec: JobSpec, budget_bits: float, n_weights: int, fixed: int,

@@ -148,13 +148,30 @@ def load_quantized(folder, device: str = "cpu"):
     if not (folder / "config.json").is_file():
         raise FormatError(f"{folder} has no config.json: is it a cvxq-tui output folder?")
     packed, rest, _meta = read_model_file(folder / MODEL_FILE)
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # transformers raises OSError, ValueError, JSONDecodeError...
+        raise FormatError(f"{folder}/config.json cannot be read ({_brief(e)}); the folder is damaged: "
+                          "re-run the job or copy config.json from the original model") from None
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
     for name, layer in packed.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            old = None
+        if not isinstance(old, torch.nn.Linear) or (old.out_features, old.in_features) != (
+                layer.out_features, layer.in_features):
+            want = "no such layer" if old is None else f"{getattr(old, 'out_features', '?')}x{getattr(old, 'in_features', '?')}"
+            raise FormatError(f"{folder}: packed layer {name} is {layer.out_features}x{layer.in_features} but "
+                              f"config.json's model has {want}; the folder's files do not belong together")
         _set_module(model, name, QuantLinear(layer))
     state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in rest.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # size mismatches
+        raise FormatError(f"{folder}: {MODEL_FILE} does not fit config.json ({str(e).strip()[:300]}); "
+                          "the folder's files do not belong together") from None
     if unexpected:
         raise FormatError(f"{folder}: tensors the model does not have: {unexpected[:3]}")
     model.tie_weights()
@@ -202,8 +219,6 @@ def dequantized_model(folder):
 
 def export(folder, out) -> Path:
     """Write a plain dequantized HF checkpoint that any runtime loads."""
-    from transformers import AutoTokenizer
-
     out = Path(out)
     model = dequantized_model(folder)
     has_bias = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.bias is not None}
@@ -217,8 +232,19 @@ def export(folder, out) -> Path:
         _zero_fill_biases(model)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(folder, local_files_only=True).save_pretrained(out)
+    load_tokenizer(folder).save_pretrained(out)
     return out
+
+
+def load_tokenizer(folder):
+    """The tokenizer an output folder holds, or a FormatError saying it is missing."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # missing files raise OSError or ValueError, damaged ones others
+        raise FormatError(f"{folder}: the tokenizer files are missing or damaged ({_brief(e)}); re-run "
+                          "the job or copy tokenizer.json and tokenizer_config.json from the original model") from None
 
 
 def _zero_fill_biases(model) -> None:
@@ -227,3 +253,8 @@ def _zero_fill_biases(model) -> None:
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and mod.bias is None and not name.endswith("lm_head"):
             mod.bias = torch.nn.Parameter(torch.zeros(mod.out_features))
+
+
+def _brief(e: Exception, limit: int = 160) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit] + "..."

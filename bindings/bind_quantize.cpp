@@ -129,6 +129,47 @@ void bind_quantize(nb::module_& m) {
       "idx] in float32 (no FMA). reference=True runs the plain scalar twin.");
 
   m.def(
+      "quantize_feedback",
+      [](Arr2<const float> w, Arr2<const float> u, Arr2<const uint8_t> depth, int64_t group_rows,
+         const std::string& kind, const Table& table, float grid_range, float grid_step,
+         int search_rounds, bool fp16_params, CancelFlag* cancel,
+         const std::optional<ProgressFn>& progress) {
+        const int64_t rows = (int64_t)w.shape(0), cols = (int64_t)w.shape(1);
+        if (group_rows < 1) throw ValueError("group_rows must be >= 1");
+        const int64_t n_clusters = (rows + group_rows - 1) / group_rows;
+        expect_size("u rows", u.shape(0), cols);
+        expect_size("u cols", u.shape(1), cols);
+        expect_size("depth rows", depth.shape(0), n_clusters);
+        expect_size("depth cols", depth.shape(1), cols);
+        const QuantSpec spec = make_spec(kind, grid_range, grid_step, search_rounds, fp16_params);
+        const float* tp = table_ptr(spec.kind, table);
+        const Control ctl = make_control(cancel, progress);
+        OutBuf<uint8_t> idx({(size_t)rows, (size_t)cols});
+        OutBuf<float> recon({(size_t)rows, (size_t)cols}), loc({(size_t)n_clusters, (size_t)cols}),
+            scale({(size_t)n_clusters, (size_t)cols}), err({(size_t)n_clusters, (size_t)cols});
+        {
+          nb::gil_scoped_release release;
+          quantize_feedback(w.data(), rows, cols, group_rows, u.data(), depth.data(), spec, tp,
+                            idx.get(), recon.get(), loc.get(), scale.get(), err.get(), ctl);
+        }
+        nb::dict out;
+        out["idx"] = idx.release();
+        out["recon"] = recon.release();
+        out["loc"] = loc.release();
+        out["scale"] = scale.release();
+        out["err"] = err.release();
+        return out;
+      },
+      nb::arg("w").noconvert(), nb::arg("u").noconvert(), nb::arg("depth").noconvert(),
+      nb::kw_only(), nb::arg("group_rows"), CVXQ_SPEC_ARGS, nb::arg("cancel").none() = nb::none(),
+      nb::arg("progress") = nb::none(),
+      "GPTQ-style error feedback over groups of group_rows rows x one column: w[rows, cols] "
+      "(storage order), u[cols, cols] the upper Cholesky factor of H^-1, depth[n_clusters, "
+      "cols]. Columns in order, each column's error pushed onto the later ones; clusters "
+      "run in parallel. Returns dict(idx uint8[rows, cols], recon float32[rows, cols], loc, "
+      "scale, err float32[n_clusters, cols]).");
+
+  m.def(
       "error_curves",
       [](Arr2<const float> x, const std::string& kind, const Table& table, float grid_range,
          float grid_step, int search_rounds, bool fp16_params, int measured_max_depth,

@@ -59,10 +59,12 @@ class _Stages:
     def __init__(self, emit):
         self.emit = emit
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}  # process CPU time (all threads)
 
     def run(self, stage: str, fn, total: int = 0, detail: str = ""):
         self.emit(StageStarted(stage, total, detail))
         t0 = time.perf_counter()
+        c0 = time.process_time()
         try:
             out = fn()
         except _core.Cancelled:
@@ -70,6 +72,7 @@ class _Stages:
             raise JobCancelled("job cancelled; finished layers are kept: rerun with --resume to continue") from None
         dt = time.perf_counter() - t0
         self.seconds[stage] = self.seconds.get(stage, 0.0) + dt
+        self.cpu_seconds[stage] = self.cpu_seconds.get(stage, 0.0) + time.process_time() - c0
         self.emit(StageFinished(stage, dt))
         return out
 
@@ -199,6 +202,7 @@ class Job:
         self.cancel = cancel or CancelToken()
         self.stages = _Stages(on_event)
         self.t_start = time.perf_counter()
+        self.c_start = time.process_time()
         self.out: Optional[Path] = None
         self.packed: dict[str, PackedLinear] = {}
         self.layer_rows: list[dict] = []
@@ -519,7 +523,9 @@ class Job:
             "perplexity_before": self.ppl_before,
             "perplexity_after": self.ppl_after,
             "seconds_per_stage": self.stages.seconds,
+            "cpu_seconds_per_stage": self.stages.cpu_seconds,
             "seconds_total": time.perf_counter() - self.t_start,
+            "cpu_seconds_total": time.process_time() - self.c_start,
             "peak_rss_mb": _peak_rss_mb(),
             "eval_windows": {k: list(v.shape) for k, v in self.evals.items()},
             "calib_windows": list(self.calib.shape),

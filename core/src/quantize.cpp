@@ -444,6 +444,68 @@ void quantize_groups_reference(const float* x, int64_t n_groups, int64_t len,
   }
 }
 
+void quantize_feedback(const float* w, int64_t rows, int64_t cols, int64_t group_rows,
+                       const float* u, const uint8_t* depth, const QuantSpec& spec,
+                       const float* table, uint8_t* idx, float* recon, float* loc, float* scale,
+                       float* err, const Control& ctl) {
+  if (rows < 1 || cols < 1 || group_rows < 1)
+    throw ShapeError("quantize_feedback: need rows, cols, group_rows >= 1, got " + s(rows) +
+                     ", " + s(cols) + ", " + s(group_rows));
+  const int64_t n_clusters = (rows + group_rows - 1) / group_rows;
+  const int64_t bad = first_bad_group(w, rows, cols);
+  if (bad >= 0)
+    throw ValueError("quantize_feedback: row " + s(bad) +
+                     " contains NaN or Inf; clean the weights before quantizing");
+  for (int64_t g = 0; g < n_clusters * cols; ++g)
+    if (depth[g] > kDepths - 1)
+      throw ValueError("quantize_feedback: depth of group " + s(g) + " is " + s(depth[g]) +
+                       "; depths must be in 0..8");
+  for (int64_t j = 0; j < cols; ++j) {
+    const float d = u[j * cols + j];
+    if (!(d > 0.0f) || !std::isfinite(d))
+      throw ValueError("quantize_feedback: u[" + s(j) + ", " + s(j) +
+                       "] must be positive and finite (an upper Cholesky factor of H^-1)");
+    for (int64_t k = j + 1; k < cols; ++k)
+      if (!std::isfinite(u[j * cols + k]))
+        throw ValueError("quantize_feedback: u[" + s(j) + ", " + s(k) + "] is not finite");
+  }
+  const Setup st = make_setup(spec, table);
+  const Kernels kr = fast_kernels();
+  parallel_chunks(n_clusters, 1, 1, ctl, "quantize", [&](int64_t c0, int64_t c1) {
+    std::vector<float> scratch, wt, q(group_rows), e(group_rows);
+    std::vector<uint8_t> k8(group_rows);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t r0 = c * group_rows, size = std::min(group_rows, rows - r0);
+      // The cluster transposed, [cols, size]: column j of the cluster is contiguous.
+      wt.assign(cols * size, 0.0f);
+      for (int64_t r = 0; r < size; ++r)
+        for (int64_t j = 0; j < cols; ++j) wt[j * size + r] = w[(r0 + r) * cols + j];
+      for (int64_t j = 0; j < cols; ++j) {
+        const int64_t g = c * cols + j;
+        float* col = wt.data() + j * size;
+        const GroupOut o = quantize_group(col, size, depth[g], g, st, kr, scratch, k8.data(),
+                                          q.data());
+        if (loc) loc[g] = o.loc;
+        if (scale) scale[g] = o.scale;
+        if (err) err[g] = o.err;
+        const float inv_d = 1.0f / u[j * cols + j];
+        for (int64_t r = 0; r < size; ++r) {
+          idx[(r0 + r) * cols + j] = k8[r];
+          if (recon) recon[(r0 + r) * cols + j] = q[r];
+          e[r] = (col[r] - q[r]) * inv_d;
+        }
+        const float* urow = u + j * cols;
+        for (int64_t k = j + 1; k < cols; ++k) {
+          const float a = urow[k];
+          if (a == 0.0f) continue;
+          float* dst = wt.data() + k * size;
+          for (int64_t r = 0; r < size; ++r) dst[r] -= e[r] * a;
+        }
+      }
+    }
+  });
+}
+
 void error_curves(const float* x, int64_t n_groups, int64_t len, const QuantSpec& spec,
                   const float* table, float* curve, const Control& ctl,
                   int measured_max_depth) {

@@ -15,7 +15,7 @@ import torch
 
 from .. import _core
 from .layout import GroupLayout
-from .gptq import error_feedback
+from .gptq import inverse_cholesky
 
 # Side information per group on disk: float16 loc + float16 scale + a 4-bit depth.
 SIDE_BITS_PER_GROUP = 16 + 16 + 4
@@ -124,24 +124,14 @@ def quantize_layer(plan: LayerPlan, w: np.ndarray, depth: np.ndarray,
             loc[first:first + count] = r["loc"].reshape(count, lay.cols)
             scale[first:first + count] = r["scale"].reshape(count, lay.cols)
     else:
-        runs = list(lay.runs())
-
-        def quantize_column(j: int, ahead: torch.Tensor) -> torch.Tensor:
-            col = ahead[:, 0].numpy()
-            out = np.empty_like(col)
-            for first, count, size in runs:
-                r0 = first * lay.group_rows
-                x = np.ascontiguousarray(col[r0:r0 + count * size].reshape(count, size))
-                d = np.ascontiguousarray(depth[first:first + count, j])
-                r = _core.quantize_groups(x, d, **kw)
-                idx[r0:r0 + count * size, j] = r["idx"].reshape(-1)
-                out[r0:r0 + count * size] = r["recon"].reshape(-1)
-                loc[first:first + count, j] = r["loc"]
-                scale[first:first + count, j] = r["scale"]
-            return torch.from_numpy(out)
-
-        h = hessian
-        recon_p = error_feedback(torch.from_numpy(wp), h, quantize_column, cancel=cancel).numpy()
+        # The column loop runs in the core: clusters are independent under error feedback
+        # (it only mixes the columns of a row), so they run in parallel with no Python per
+        # column.
+        u = inverse_cholesky(hessian).numpy()
+        r = _core.quantize_feedback(wp, np.ascontiguousarray(u, dtype=np.float32),
+                                    np.ascontiguousarray(depth, dtype=np.uint8), group_rows=lay.group_rows,
+                                    **kw, cancel=cancel)
+        idx, recon_p, loc, scale = r["idx"], r["recon"], r["loc"], r["scale"]
     recon = np.empty_like(w)
     recon[plan.perm] = recon_p[: lay.rows]
     return QuantizedLayer(idx, loc, scale, recon)

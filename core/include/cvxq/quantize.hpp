@@ -84,6 +84,22 @@ void quantize_groups(const float* x, int64_t n_groups, int64_t len, const uint8_
                      const QuantSpec& spec, const float* table, uint8_t* idx, float* recon,
                      float* loc, float* scale, float* err, const Control& ctl = {});
 
+// GPTQ-style error feedback (Frantar et al. 2022) for CVXQ's groups, a cluster of rows x
+// one column. w: [rows, cols] row-major in storage order, cut into clusters of group_rows
+// consecutive rows (the last may be shorter). u: [cols, cols] row-major upper Cholesky
+// factor of H^-1 (only u[j, k] with k >= j is read; the diagonal must be positive).
+// depth: [n_clusters, cols]. Columns are quantized in order, each group exactly as
+// quantize_groups does it (search on the error-updated weights); the column's error
+// e = (w_j - q_j) / u[j, j] is pushed onto the later columns, w_k -= e * u[j, k].
+// Feedback only mixes the columns of one row, so clusters are independent: one work unit
+// per cluster, in parallel. Outputs: idx/recon [rows, cols] (storage order), loc/scale/err
+// [n_clusters, cols] (err: squared error against the error-updated weights); any but idx
+// may be null. Progress stage: "quantize".
+void quantize_feedback(const float* w, int64_t rows, int64_t cols, int64_t group_rows,
+                       const float* u, const uint8_t* depth, const QuantSpec& spec,
+                       const float* table, uint8_t* idx, float* recon, float* loc, float* scale,
+                       float* err, const Control& ctl = {});
+
 // Measured error curve: curve[g, B] = least squared error of group g at depth B after the
 // same parameter search, for B = 0..8 (row-major [n_groups, 9]). Progress: "error_curves".
 void error_curves(const float* x, int64_t n_groups, int64_t len, const QuantSpec& spec,

@@ -214,6 +214,7 @@ class Job:
         self.round = 0
         # What --resume took from OUT/.work instead of recomputing (reported in report.json).
         self.reused = {"calibration": False, "perplexity_before": False, "plans": [], "layers": []}
+        self.adopted = False    # load, calibrate and plan were taken over from another job
         torch.manual_seed(spec.seed)
 
     # -- load ----------------------------------------------------------------------------
@@ -225,30 +226,60 @@ class Job:
             if not torch.cuda.is_available():
                 raise InputError("--device cuda: no CUDA device is available; use --device cpu")
             self.emit(Log("CUDA calibration is not implemented yet; running on the CPU", "warning"))
-        self.loaded = self.stages.run("load", lambda: models.load_model(spec.model))
+        _check(self.cancel)
+        self.loaded = self.stages.run("load", lambda: _cancellable(lambda: models.load_model(spec.model),
+                                                                   self.cancel))
         self.model, self.tok = self.loaded.model, self.loaded.tokenizer
         self.model.eval()
         self.layers = select_layers(models.quantizable_linears(self.model), spec)
-        for name, mod in self.layers:
-            self.emit(LayerInfo(name, (mod.out_features, mod.in_features), mod.weight.numel()))
+        self._announce_layers()
         self.n_weights = sum(mod.weight.numel() for _, mod in self.layers)
         self.original = {name: mod.weight.detach().clone() for name, mod in self.layers}
         self.original_bias = {name: (None if mod.bias is None else mod.bias.detach().clone())
                               for name, mod in self.layers}
+        _check(self.cancel)
         calib_text = text.read_text(spec.text) if spec.text else text.default_text("calib")
         self.calib = text.token_windows(self.tok, calib_text, spec.seq_len, spec.calib_samples,
                                         purpose="calibration")
-        self.evals = {}
-        if spec.evaluate:
-            eval_text = text.read_text(spec.eval_text) if spec.eval_text else text.default_text("eval")
-            self.evals["eval"] = text.token_windows(self.tok, eval_text, spec.eval_seq_len, None,
-                                                    purpose="evaluation")[: spec.eval_samples]
-            if spec.ood_eval:
-                self.evals["ood"] = text.token_windows(self.tok, text.default_text("ood"), spec.eval_seq_len,
-                                                       None, purpose="evaluation")[: spec.eval_samples]
+        _check(self.cancel)
+        self.evals = self.eval_windows() if spec.evaluate else {}
+        _check(self.cancel)
         rest = unquantized_tensors(self.model, {n for n, _ in self.layers})
         self.rest = rest
         self.rest_bytes = _rest_bytes(rest)
+
+    def _announce_layers(self) -> None:
+        for name, mod in self.layers:
+            self.emit(LayerInfo(name, (mod.out_features, mod.in_features), mod.weight.numel()))
+
+    def eval_windows(self) -> dict:
+        """The evaluation windows of the spec (built-in or --eval-text; plus the other-domain
+        text with ood_eval), whether or not the spec evaluates."""
+        from . import text
+
+        spec = self.spec
+        eval_text = text.read_text(spec.eval_text) if spec.eval_text else text.default_text("eval")
+        evals = {"eval": text.token_windows(self.tok, eval_text, spec.eval_seq_len, None,
+                                            purpose="evaluation")[: spec.eval_samples]}
+        if spec.ood_eval:
+            evals["ood"] = text.token_windows(self.tok, text.default_text("ood"), spec.eval_seq_len,
+                                              None, purpose="evaluation")[: spec.eval_samples]
+        return evals
+
+    # -- reuse --------------------------------------------------------------------------
+    def adopt(self, donor: "Job") -> None:
+        """Take over what `donor` (a job of the same calibration_key, taken at least as far
+        as its plans) already computed: the loaded model, the calibration and the plans.
+        run() then skips load, calibrate and plan; the model is shared, not copied, and is
+        put back to its original weights here."""
+        if calibration_key(donor.spec) != calibration_key(self.spec):
+            raise ValueError("adopt: the donor job was calibrated for other settings")
+        for attr in ("loaded", "model", "tok", "layers", "n_weights", "original", "original_bias",
+                     "calib", "rest", "rest_bytes", "stats", "g2"):
+            setattr(self, attr, getattr(donor, attr))
+        self.plans = dict(donor.plans)  # re-estimation rounds replace plans: keep the donor's
+        self.adopted = True
+        self.restore()
 
     # -- evaluate ------------------------------------------------------------------------
     def perplexities(self, tag: str) -> dict[str, float]:
@@ -580,15 +611,21 @@ class Job:
             raise
 
     def _run(self) -> dict:
-        self.load()
-        _check(self.cancel)
-        self.check_resources()
+        if self.adopted:
+            self.emit(Log("reusing the calibration and plans already computed for these settings"))
+            self._announce_layers()
+            self.evals = self.eval_windows() if self.spec.evaluate else {}
+        else:
+            self.load()
+            _check(self.cancel)
+            self.check_resources()
         self.ppl_before = self._perplexities_before()
         _check(self.cancel)
-        self.calibrate()
-        _check(self.cancel)
-        if self.spec.method == "cvxq":
-            self.plan()
+        if not self.adopted:
+            self.calibrate()
+            _check(self.cancel)
+            if self.spec.method == "cvxq":
+                self.plan()
         self.allocate()
         faults.point("allocate")
         rounds = self.spec.rounds if self.spec.method == "cvxq" else 1
@@ -609,6 +646,60 @@ class Job:
         shutil.rmtree(self.out / WORK_DIR, ignore_errors=True)
         self.emit(Finished(report, str(self.out)))
         return report
+
+
+    # -- measured rate-distortion ---------------------------------------------------------
+    def measure_budget(self, bits: float) -> dict:
+        """CVXQ, on a job taken as far as its plans: allocate `bits`, quantize in memory
+        (nothing is written), evaluate and put the original weights back. Returns the
+        all-in bits/weight reached, the predicted distortion and the perplexities."""
+        if not self.evals:
+            self.evals = self.eval_windows()
+        self.allocate(bits=bits)
+        self.quantize(checkpoints=False)
+        try:
+            self.apply()
+            ppl = self.perplexities(f"{bits:g}-bit")
+        finally:
+            self.restore()
+        reached = self.totals()["bits_per_weight"]
+        distortion = float(sum(r["distortion"] for r in self.layer_rows))
+        return {"target_bits": float(bits), "bits": reached, "distortion": distortion, "perplexity": ppl}
+
+
+def calibration_key(spec: JobSpec) -> str:
+    """What load + calibrate + plan depend on: two specs with the same key can share one
+    calibration and one set of plans (budget, pins, output and evaluation do not enter)."""
+    d = spec.to_dict()
+    for k in ("bits", "size", "pin", "out", "resume", "overwrite", "evaluate", "eval_text", "eval_samples",
+              "eval_seq_len", "ood_eval", "rounds", "bias_correction", "gptq_group"):
+        d.pop(k, None)
+    return json.dumps(d, sort_keys=True)
+
+
+def _cancellable(fn, cancel, poll_s: float = 0.05):
+    """fn() in a helper thread, polling `cancel` meanwhile: a cancel raises JobCancelled at
+    once (for work without cancel points of its own, such as loading a checkpoint). The
+    abandoned call finishes in the background and its result is dropped."""
+    if cancel is None:
+        return fn()
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=target, name="cvxq-load", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(poll_s)
+        if cancel.is_set() and t.is_alive():
+            raise JobCancelled("job cancelled while loading the model; nothing was computed yet")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def run(spec: JobSpec, on_event: Callable = lambda e: None, cancel: Optional[CancelToken] = None) -> dict:

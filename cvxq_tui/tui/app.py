@@ -181,6 +181,16 @@ class CvxqApp(App):
         if not worker.is_cancelled:
             self.post_message(PreviewReady(preview))
 
+    def keep_preview(self, preview: backend.Preview) -> None:
+        """A calibration computed by a run or a measurement becomes the preview (one model
+        in memory, not two), unless the user is building another one meanwhile."""
+        if preview is self.preview or any(w.group == "preview" and w.state in (WorkerState.PENDING, WorkerState.RUNNING)
+                                          for w in self.workers):
+            return
+        self.preview = preview
+        self.draft.allocation_stale = False
+        self.preview_status = "planned (calibration of the last job)"
+
     def on_preview_progress(self, msg: PreviewProgress) -> None:
         self.preview_status = msg.text
         self.sync_screen()

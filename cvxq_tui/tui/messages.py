@@ -53,3 +53,22 @@ class JobEnded(Message):
     message: str = ""
     report: Optional[dict] = None
     out_dir: Optional[str] = None
+    preview: Any = None     # backend.Preview the app may keep (the calibration the job used)
+
+
+@dataclass
+class MeasuredPoint(Message):
+    """One measured rate-distortion point (see backend.Preview.measure)."""
+    point: dict
+
+
+@dataclass
+class MeasureProgress(Message):
+    text: str
+
+
+@dataclass
+class MeasureEnded(Message):
+    status: str             # finished | cancelled | failed
+    message: str = ""
+    preview: Any = None     # a preview built for the measurement, for the app to keep

@@ -120,13 +120,15 @@ class RunScreen(Screen):
             token.set()
         self.app.register_busy(TokenCanceller(token))
         try:
-            report = backend.run_job(spec, lambda e: self.post_message(JobEvent(e)), token)
+            report, keep = backend.run_job(spec, lambda e: self.post_message(JobEvent(e)), token,
+                                           preview=self.app.preview)
         except JobCancelled as e:
             self.post_message(JobEnded("cancelled", str(e)))
         except Exception as e:  # every failure reaches the UI as a message, not a traceback
             self.post_message(JobEnded("failed", user_message(e)))
         else:
-            self.post_message(JobEnded("finished", report=report, out_dir=str(Path(spec.out).expanduser())))
+            self.post_message(JobEnded("finished", report=report, out_dir=str(Path(spec.out).expanduser()),
+                                       preview=keep))
         finally:
             self.app.unregister_busy(TokenCanceller(token))
 
@@ -179,6 +181,9 @@ class RunScreen(Screen):
         self.state = msg.status
         if msg.status == "finished":
             from .results import ResultsScreen
+
+            if msg.preview is not None:
+                self.app.keep_preview(msg.preview)
 
             self.query_one("#overall", ProgressBar).update(progress=100)
             self.set_stage("[b]finished[/b]")

@@ -15,6 +15,7 @@ Sensitivity estimators (all return g2[r, j] ~ E[(dz/dW[r, j])^2] per layer):
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -38,63 +39,84 @@ def _check_cancel(cancel) -> None:
         raise JobCancelled("cancelled during calibration; rerun with --resume to continue")
 
 
-def collect_input_stats(model, layers, windows: torch.Tensor, *, need_hessian: bool,
-                        on_progress: Optional[ProgressFn] = None, cancel=None,
-                        batch_size: int = 4) -> dict[str, InputStats]:
-    """One forward pass over the windows with hooks on every layer's input. Layers fed the
-    same tensor (q/k/v, gate/up) share one set of statistics."""
-    sums: dict[str, dict] = {}
-    alias: dict[str, str] = {}
-    # Inputs seen in the current forward pass, kept alive so their memory cannot be reused
-    # by a later tensor with the same address during the pass.
-    seen_in_step: dict[int, tuple[str, torch.Tensor]] = {}
+class InputStatsRecorder:
+    """Hooks on every layer's input that accumulate InputStats over the forward passes run
+    while installed (a separate pass, or the sensitivity pass itself). Layers fed the same
+    tensor (q/k/v, gate/up) share one set of statistics. Call new_pass() before each
+    forward."""
 
-    def hook_for(name):
+    def __init__(self, layers, need_hessian: bool):
+        self.layers = layers
+        self.need_hessian = need_hessian
+        self.sums: dict[str, dict] = {}
+        self.alias: dict[str, str] = {}
+        # Inputs seen in the current forward pass, kept alive so their memory cannot be reused
+        # by a later tensor with the same address during the pass.
+        self.seen_in_step: dict[int, tuple[str, torch.Tensor]] = {}
+        self.handles = []
+
+    def __enter__(self):
+        self.handles = [mod.register_forward_pre_hook(self._hook_for(name)) for name, mod in self.layers]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        self.seen_in_step.clear()
+        return False
+
+    def new_pass(self) -> None:
+        self.seen_in_step.clear()
+
+    def _hook_for(self, name):
         def hook(module, args):
             x = args[0].detach()
             key = x.data_ptr()
-            hit = seen_in_step.get(key)
+            hit = self.seen_in_step.get(key)
             if hit is not None and hit[0] != name and hit[1].shape == x.shape:
-                alias[name] = hit[0]
+                self.alias[name] = hit[0]
                 return
-            seen_in_step[key] = (name, x)
+            self.seen_in_step[key] = (name, x)
             x2 = x.reshape(-1, x.shape[-1]).float()
-            s = sums.get(name)
+            s = self.sums.get(name)
             if s is None:
                 n = x2.shape[1]
-                s = sums[name] = {"count": 0, "sum": torch.zeros(n, dtype=torch.float64),
-                                  "sq": torch.zeros(n, dtype=torch.float64),
-                                  "h": torch.zeros(n, n) if need_hessian else None}
+                s = self.sums[name] = {"count": 0, "sum": torch.zeros(n, dtype=torch.float64),
+                                       "sq": torch.zeros(n, dtype=torch.float64),
+                                       "h": torch.zeros(n, n) if self.need_hessian else None}
             s["count"] += x2.shape[0]
             s["sum"] += x2.sum(0, dtype=torch.float64)
             s["sq"] += (x2 * x2).sum(0, dtype=torch.float64)
-            if need_hessian:
+            if self.need_hessian:
                 s["h"].addmm_(x2.T, x2)
         return hook
 
-    handles = [mod.register_forward_pre_hook(hook_for(name)) for name, mod in layers]
-    try:
-        n = windows.shape[0]
-        with torch.inference_mode():
-            for i in range(0, n, batch_size):
-                _check_cancel(cancel)
-                seen_in_step.clear()
-                model(windows[i:i + batch_size])
-                if on_progress:
-                    on_progress(min(n, i + batch_size), n, "input statistics")
-    finally:
-        for h in handles:
-            h.remove()
+    def result(self) -> dict[str, InputStats]:
+        stats: dict[str, InputStats] = {}
+        for name, s in self.sums.items():
+            c = s["count"]
+            h = s["h"] / c if s["h"] is not None else None
+            stats[name] = InputStats(c, (s["sum"] / c).float(), (s["sq"] / c).float(), h)
+        for name, owner in self.alias.items():
+            if name not in stats:
+                stats[name] = stats[owner]
+        return stats
 
-    stats: dict[str, InputStats] = {}
-    for name, s in sums.items():
-        c = s["count"]
-        h = s["h"] / c if s["h"] is not None else None
-        stats[name] = InputStats(c, (s["sum"] / c).float(), (s["sq"] / c).float(), h)
-    for name, owner in alias.items():
-        if name not in stats:
-            stats[name] = stats[owner]
-    return stats
+
+def collect_input_stats(model, layers, windows: torch.Tensor, *, need_hessian: bool,
+                        on_progress: Optional[ProgressFn] = None, cancel=None,
+                        batch_size: int = 4) -> dict[str, InputStats]:
+    """One forward pass over the windows with hooks on every layer's input."""
+    n = windows.shape[0]
+    with InputStatsRecorder(layers, need_hessian) as rec, torch.inference_mode():
+        for i in range(0, n, batch_size):
+            _check_cancel(cancel)
+            rec.new_pass()
+            model(windows[i:i + batch_size])
+            if on_progress:
+                on_progress(min(n, i + batch_size), n, "input statistics")
+    return rec.result()
 
 
 def _base_model(model):
@@ -117,8 +139,10 @@ def collect_sensitivity(model, layers, windows: torch.Tensor, *, estimator: str,
                         input_stats: Optional[dict[str, InputStats]] = None, seed: int = 0,
                         stride: int = 16, directions: int = 16,
                         on_progress: Optional[ProgressFn] = None,
-                        cancel=None) -> dict[str, torch.Tensor]:
-    """Returns g2 per layer: [m, n] for fisher/grad; [1, n] (broadcast over rows) for hessian."""
+                        cancel=None, record: Optional[InputStatsRecorder] = None) -> dict[str, torch.Tensor]:
+    """Returns g2 per layer: [m, n] for fisher/grad; [1, n] (broadcast over rows) for hessian.
+    With ``record`` (fisher/grad), the input statistics are gathered during the same forward
+    passes, so calibration needs no separate statistics pass."""
     if estimator == "hessian":
         if input_stats is None:
             raise ValueError("hessian sensitivity needs the input statistics")
@@ -136,32 +160,11 @@ def collect_sensitivity(model, layers, windows: torch.Tensor, *, estimator: str,
     n = windows.shape[0]
     dirs = _principal_directions(model, windows, directions, 4) if estimator == "grad" else None
     base = _base_model(model)
+    hooks = record if record is not None else contextlib.nullcontext()
     try:
-        for i in range(n):
-            _check_cancel(cancel)
-            ids = windows[i:i + 1]
-            T = ids.shape[1]
-            if estimator == "fisher":
-                logits = model(ids).logits[0, :-1].float()
-                nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
-                signs = torch.randint(0, 2, (T - 1,), generator=gen).float() * 2 - 1
-                z = (signs * nll).sum()
-            elif estimator == "grad":
-                h = base(ids).last_hidden_state[0].float()
-                pos = torch.arange(int(torch.randint(0, stride, (1,), generator=gen)), T, stride)
-                signs = torch.randint(0, 2, (len(pos),), generator=gen).float() * 2 - 1
-                v = dirs[i % dirs.shape[0]]
-                z = (signs * (h[pos] @ v)).sum()
-            else:
-                raise ValueError(f"unknown sensitivity estimator {estimator!r}")
-            z.backward()
-            with torch.no_grad():
-                for (name, mod) in layers:
-                    g = mod.weight.grad
-                    g2[name].addcmul_(g, g)
-                    mod.weight.grad = None
-            if on_progress:
-                on_progress(i + 1, n, "sensitivity")
+        with hooks:
+            _sensitivity_loop(model, base, layers, windows, estimator, g2, gen, dirs, stride, record,
+                              on_progress, cancel)
     finally:
         for p, r in was.items():
             p.requires_grad_(r)
@@ -172,3 +175,35 @@ def collect_sensitivity(model, layers, windows: torch.Tensor, *, estimator: str,
         floor = g2[name].mean() * 1e-6 + 1e-30
         g2[name].clamp_(min=float(floor))
     return g2
+
+
+def _sensitivity_loop(model, base, layers, windows, estimator, g2, gen, dirs, stride, record,
+                      on_progress, cancel) -> None:
+    n = windows.shape[0]
+    for i in range(n):
+        _check_cancel(cancel)
+        ids = windows[i:i + 1]
+        T = ids.shape[1]
+        if record is not None:
+            record.new_pass()
+        if estimator == "fisher":
+            logits = model(ids).logits[0, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+            signs = torch.randint(0, 2, (T - 1,), generator=gen).float() * 2 - 1
+            z = (signs * nll).sum()
+        elif estimator == "grad":
+            h = base(ids).last_hidden_state[0].float()
+            pos = torch.arange(int(torch.randint(0, stride, (1,), generator=gen)), T, stride)
+            signs = torch.randint(0, 2, (len(pos),), generator=gen).float() * 2 - 1
+            v = dirs[i % dirs.shape[0]]
+            z = (signs * (h[pos] @ v)).sum()
+        else:
+            raise ValueError(f"unknown sensitivity estimator {estimator!r}")
+        z.backward()
+        with torch.no_grad():
+            for (name, mod) in layers:
+                g = mod.weight.grad
+                g2[name].addcmul_(g, g)
+                mod.weight.grad = None
+        if on_progress:
+            on_progress(i + 1, n, "sensitivity")

@@ -3,8 +3,10 @@ dependencies, so both front ends and the tests can use them."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 
 @dataclass
@@ -47,12 +49,42 @@ class LayerDone:
     mse: float            # mean squared weight error
 
 
+class LazyList(Sequence):
+    """A read-only list computed on first use (the RD curve costs a dozen solves; most
+    allocations are never asked for it)."""
+
+    def __init__(self, compute: Callable[[], list]):
+        self._compute: Optional[Callable[[], list]] = compute
+        self._items: Optional[list] = None
+        self._lock = threading.Lock()
+
+    def _get(self) -> list:
+        with self._lock:
+            if self._items is None:
+                self._items = list(self._compute())
+                self._compute = None  # drop what the computation held
+            return self._items
+
+    def __getitem__(self, i):
+        return self._get()[i]
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return repr(self._get()) if self._items is not None else "LazyList(<not computed>)"
+
+
 @dataclass
 class Allocation:
-    """The solved allocation: per-layer average depth, the multiplier and the RD curve."""
+    """The solved allocation: per-layer average depth, the multiplier and the RD curve
+    (a list, or a LazyList computed when first read)."""
     layer_bits: dict[str, float]
     log2_lambda: float
-    rd_curve: list[tuple[float, float]] = field(default_factory=list)  # (bits/weight, distortion)
+    rd_curve: Sequence[tuple[float, float]] = field(default_factory=list)  # (bits/weight, distortion)
 
 
 @dataclass

@@ -20,8 +20,8 @@ import torch
 
 from . import _core, checkpoints, faults
 from .errors import BudgetError, InputError, JobCancelled, OutputError
-from .events import (Allocation, Finished, LayerDone, LayerInfo, Log, StageFinished, StageProgress,
-                     StageStarted)
+from .events import (Allocation, Finished, LayerDone, LayerInfo, LazyList, Log, StageFinished,
+                     StageProgress, StageStarted)
 from .packed import MODEL_FILE, PackedLinear, save_model_file, write_atomic
 from .spec import JobSpec
 
@@ -205,6 +205,7 @@ class Job:
         self.c_start = time.process_time()
         self.out: Optional[Path] = None
         self.packed: dict[str, PackedLinear] = {}
+        self.applied: set[str] = set()  # layers whose model weights are the packed ones
         self.layer_rows: list[dict] = []
         self.plans: dict = {}
         self.depths: dict = {}
@@ -283,16 +284,37 @@ class Job:
 
     # -- evaluate ------------------------------------------------------------------------
     def perplexities(self, tag: str) -> dict[str, float]:
+        """Perplexity on every evaluation text. The float model's (tag "float") is cached
+        per model, torch version and exact token windows: it is the same for every job."""
         from . import evaluate
 
+        cached = {}
+        if tag == "float":
+            cached = {k: v for k in self.evals if (v := _cached_ppl(self._ppl_key(k))) is not None}
+            if cached:
+                self.emit(Log(f"float perplexity ({', '.join(cached)}) from the cache, measured before "
+                              "on the same model and token windows"))
+
         def work():
-            res = {}
+            res = dict(cached)
             for key, windows in self.evals.items():
+                if key in res:
+                    continue
                 def prog(done, total, key=key):
                     self.emit(StageProgress("evaluate", done, total, f"{tag} model, {key} text"))
                 res[key] = evaluate.perplexity(self.model, windows, on_progress=prog, cancel=self.cancel)
+                if tag == "float":
+                    _store_ppl(self._ppl_key(key), res[key])
             return res
         return self.stages.run("evaluate", work) if self.evals else {}
+
+    def _ppl_key(self, key: str) -> str:
+        import hashlib
+
+        h = hashlib.sha256()
+        h.update(f"{self.loaded.info.fingerprint}\0{self.loaded.info.source}\0{torch.__version__}\0".encode())
+        h.update(self.evals[key].numpy().tobytes())
+        return h.hexdigest()[:32]
 
     # -- calibrate -----------------------------------------------------------------------
     @property
@@ -317,6 +339,13 @@ class Job:
             def prog(done, total, what):
                 faults.point("calibrate")
                 self.emit(StageProgress("calibrate", done, total, what))
+            if spec.method == "cvxq" and spec.sensitivity != "hessian":
+                # The input statistics come from the sensitivity pass's own forward passes.
+                rec = calibrate.InputStatsRecorder(self.layers, self.need_hessian)
+                g2 = calibrate.collect_sensitivity(self.model, self.layers, self.calib,
+                                                   estimator=spec.sensitivity, seed=spec.seed,
+                                                   on_progress=prog, cancel=self.cancel, record=rec)
+                return rec.result(), g2
             stats = calibrate.collect_input_stats(self.model, self.layers, self.calib,
                                                   need_hessian=self.need_hessian, on_progress=prog,
                                                   cancel=self.cancel)
@@ -420,7 +449,12 @@ class Job:
     # -- quantize -----------------------------------------------------------------------
     def quantize(self, checkpoints: bool = True) -> None:
         self.packed, self.layer_rows = {}, []
-        self.stages.run("quantize", lambda: self._quantize_all(checkpoints), total=len(self.layers))
+        self.applied.clear()
+        self._hinv_u = (None, None)  # (id of the InputStats, its factor): the last one only
+        try:
+            self.stages.run("quantize", lambda: self._quantize_all(checkpoints), total=len(self.layers))
+        finally:
+            self._hinv_u = (None, None)
 
     def _quantize_all(self, checkpoints: bool) -> None:
         for i, (name, mod) in enumerate(self.layers):
@@ -443,7 +477,11 @@ class Job:
             dt = time.perf_counter() - t0
             w = self.original[name].numpy()
             nbytes = layer.nbytes() + len(layer.to_tensors(name)) * (PER_TENSOR_HEADER_BYTES + len(name) + 14)
-            mse = float(np.mean((layer.dequantize() - w) ** 2))
+            # Dequantized once: for the error and straight into the model (apply() then has
+            # nothing left to do for this layer).
+            wq = layer.dequantize()
+            mse = float(np.mean((wq - w) ** 2))
+            self._set_layer(name, mod, wq, layer)
             row = {"name": name, "shape": [mod.out_features, mod.in_features], "bits": 8 * nbytes / w.size,
                    "bytes": nbytes, "seconds": dt, "distortion": distortion, "mse": mse,
                    "mean_depth": float(layer.depth.mean())}
@@ -465,13 +503,21 @@ class Job:
     def quantize_layer(self, name: str, mod) -> tuple[PackedLinear, float]:
         from .methods import baselines
         from .methods import cvxq as cvxq_method
+        from .methods.gptq import inverse_cholesky
 
         spec = self.spec
         w = self.original[name].numpy()
         h = self.stats[name].hessian if self.need_hessian else None
         if spec.method == "cvxq":
             plan, d = self.plans[name], self.depths[name]
-            q = cvxq_method.quantize_layer(plan, w, d, h, cancel=self.cancel.core)
+            u = None
+            if h is not None:
+                # q/k/v (and gate/up) share one InputStats, hence one factor of H^-1.
+                key = id(self.stats[name])
+                if self._hinv_u[0] != key:
+                    self._hinv_u = (key, inverse_cholesky(h).numpy())
+                u = self._hinv_u[1]
+            q = cvxq_method.quantize_layer(plan, w, d, h, cancel=self.cancel.core, hinv_u=u)
             recon = q.recon
             args = dict(transposed=False, group_rows=spec.group_rows, kind=spec.quantizer, depth=d,
                         idx=q.idx, loc=q.loc, scale=q.scale, table=plan.table, perm=plan.perm)
@@ -518,14 +564,19 @@ class Job:
     # -- model state ------------------------------------------------------------------
     def apply(self) -> None:
         """The in-memory model computes exactly what the packed model computes."""
+        for name, mod in self.layers:
+            if name not in self.applied:
+                self._set_layer(name, mod, self.packed[name].dequantize(), self.packed[name])
+
+    def _set_layer(self, name: str, mod, wq: np.ndarray, layer: PackedLinear) -> None:
         with torch.no_grad():
-            for name, mod in self.layers:
-                layer = self.packed[name]
-                mod.weight.data = torch.from_numpy(layer.dequantize())
-                if layer.bias is not None:
-                    mod.bias = torch.nn.Parameter(torch.from_numpy(layer.bias.copy()), requires_grad=False)
+            mod.weight.data = torch.from_numpy(wq)
+            if layer.bias is not None:
+                mod.bias = torch.nn.Parameter(torch.from_numpy(layer.bias.copy()), requires_grad=False)
+        self.applied.add(name)
 
     def restore(self) -> None:
+        self.applied.clear()
         with torch.no_grad():
             for name, mod in self.layers:
                 mod.weight.data = self.original[name].clone()
@@ -757,7 +808,8 @@ def allocate_cvxq(plans, layers, spec: JobSpec, budget_bits: float, n_weights: i
         pos += p.n_groups
         out[n] = d.reshape(p.layout.n_clusters, p.layout.cols)
         layer_bits[n] = float((d.astype(np.float64) * p.layout.cluster_counts()).sum() / (p.layout.rows * p.layout.cols))
-    rd = _rd_curve(curve, counts, side, n_weights, fixed)
+    # The predicted RD curve re-runs the solver a dozen times: only when someone reads it.
+    rd = LazyList(lambda: _rd_curve(curve, counts, side, n_weights, fixed))
     return out, Allocation(layer_bits, float(res["log2_lambda"]), rd)
 
 
@@ -779,6 +831,29 @@ def _rd_curve(curve, counts, side, n_weights, fixed, points: int = 12):
         except Exception:
             continue
     return res
+
+
+def _ppl_cache_file(key: str) -> Path:
+    from .models import cache_dir
+
+    return cache_dir() / "perplexity" / f"{key}.json"
+
+
+def _cached_ppl(key: str) -> Optional[float]:
+    try:
+        v = json.loads(_ppl_cache_file(key).read_text())["perplexity"]
+        return float(v) if isinstance(v, (int, float)) and v > 0 else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _store_ppl(key: str, ppl: float) -> None:
+    path = _ppl_cache_file(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps({"perplexity": ppl})))
+    except OSError:
+        pass  # a cache that cannot be written only costs time
 
 
 def _save_checkpoint(path: Path, layer: PackedLinear, distortion: float) -> None:

@@ -103,9 +103,11 @@ class QuantizedLayer:
 
 
 def quantize_layer(plan: LayerPlan, w: np.ndarray, depth: np.ndarray,
-                   hessian: Optional[torch.Tensor], cancel=None) -> QuantizedLayer:
+                   hessian: Optional[torch.Tensor], cancel=None,
+                   hinv_u: Optional[np.ndarray] = None) -> QuantizedLayer:
     """Quantize at the allocated depths [n_clusters, cols]; with a Hessian, columns are
-    quantized in order with GPTQ-style error feedback."""
+    quantized in order with GPTQ-style error feedback. hinv_u: inverse_cholesky(hessian)
+    if already computed (layers fed the same input share it)."""
     lay = plan.layout
     kw = quant_kwargs(plan.kind, plan.table)
     wp = lay.to_storage(w, plan.perm)
@@ -127,7 +129,7 @@ def quantize_layer(plan: LayerPlan, w: np.ndarray, depth: np.ndarray,
         # The column loop runs in the core: clusters are independent under error feedback
         # (it only mixes the columns of a row), so they run in parallel with no Python per
         # column.
-        u = inverse_cholesky(hessian).numpy()
+        u = hinv_u if hinv_u is not None else inverse_cholesky(hessian).numpy()
         r = _core.quantize_feedback(wp, np.ascontiguousarray(u, dtype=np.float32),
                                     np.ascontiguousarray(depth, dtype=np.uint8), group_rows=lay.group_rows,
                                     **kw, cancel=cancel)

@@ -29,6 +29,14 @@ JOB_FILE = "job.json"
 REPORT_FILE = "report.json"
 WORK_DIR = ".work"
 PER_TENSOR_HEADER_BYTES = 96  # safetensors JSON entry per tensor, besides the name
+# The header's checksum table adds, per tensor, the name again and an escaped JSON entry
+# (\"name\":\"crc32hex\",): 18 bytes besides the name.
+CHECKSUM_ENTRY_BYTES = 18
+
+
+def _header_bytes(tensor_name_len: int) -> int:
+    """Header bytes one tensor costs in the model file (its entry and its checksum)."""
+    return PER_TENSOR_HEADER_BYTES + CHECKSUM_ENTRY_BYTES + 2 * tensor_name_len
 
 
 class CancelToken:
@@ -167,11 +175,11 @@ def _layer_fixed_bytes(name: str, rows: int, out_features: int, has_perm: bool, 
         b += rows * (2 if rows < 32768 else 4)
     if has_bias:
         b += 2 * out_features
-    return b + n_tensors * (PER_TENSOR_HEADER_BYTES + len(name) + 14)
+    return b + n_tensors * _header_bytes(len(name) + 14)
 
 
 def _rest_bytes(rest: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() + PER_TENSOR_HEADER_BYTES + len(k) for k, t in rest.items())
+    return sum(t.numel() * t.element_size() + _header_bytes(len(k)) for k, t in rest.items())
 
 
 def unquantized_tensors(model, quantized: set[str]) -> dict[str, torch.Tensor]:
@@ -476,7 +484,7 @@ class Job:
             self.packed[name] = layer
             dt = time.perf_counter() - t0
             w = self.original[name].numpy()
-            nbytes = layer.nbytes() + len(layer.to_tensors(name)) * (PER_TENSOR_HEADER_BYTES + len(name) + 14)
+            nbytes = layer.nbytes() + len(layer.to_tensors(name)) * _header_bytes(len(name) + 14)
             # Dequantized once: for the error and straight into the model (apply() then has
             # nothing left to do for this layer).
             wq = layer.dequantize()

@@ -1,5 +1,6 @@
 """Results screen: what the job produced (size, bits/weight, perplexities), how the bits were
-spread, the predicted rate-distortion curve, where the output is and how to reproduce it."""
+spread, the predicted rate-distortion curve, where the output is and how to reproduce it, and
+(key m) perplexity measured at budgets around the job's."""
 
 from __future__ import annotations
 
@@ -105,13 +106,13 @@ class ResultsScreen(Screen):
             yield Static(bits_histogram([row["bits"] for row in r["layers"]]), id="histogram")
             yield Static("[b]Predicted distortion vs bits/weight[/b] (this budget highlighted)", classes="section")
             yield Static(rd_chart(self.allocation, bits), id="rd")
-            yield Static("[b]Measured perplexity vs bits/weight[/b]", classes="section")
-            yield Static(id="rd-status", classes="rd-status")
-            yield Static(measured_view(self.points, self.float_ppl, bits), id="rd-measured")
             yield Static("[b]Output[/b]", classes="section")
             yield Static(Text(f"{self.out_dir}  (model.safetensors, report.json)"), id="out-dir")
             yield Static("[b]Reproduce[/b]", classes="section")
             yield Static(Text(r.get("command") or self.spec.batch_command()), id="command")
+            yield Static("[b]Measured perplexity vs bits/weight[/b] (m measures)", classes="section")
+            yield Static(id="rd-status", classes="rd-status")
+            yield Static(measured_view(self.points, self.float_ppl, bits), id="rd-measured")
         yield Footer()
 
     # -- measured rate-distortion ----------------------------------------------------------

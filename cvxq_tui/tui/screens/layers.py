@@ -147,9 +147,15 @@ class LayersScreen(Screen):
 
     # -- rendering -----------------------------------------------------------------------
     def sync(self) -> None:
-        app, d = self.app, self.app.draft
-        self.query_one("#budget-line", Static).update(f"[b]{d.spec.method}[/b]  {d.estimate().line()}")
+        self.query_one("#budget-line", Static).update(
+            f"[b]{self.app.draft.spec.method}[/b]  {self.app.draft.estimate().line()}")
         self.refresh_rows()
+        self.sync_status()
+
+    def sync_status(self) -> None:
+        """The status line and the sparkline only: preview progress comes many times a
+        second and must not rewrite every row of a 200-layer table."""
+        app, d = self.app, self.app.draft
         series = self._bits_series()
         self.query_one("#bits-spark", Sparkline).data = series
         if self.pin_for is not None:

@@ -115,6 +115,9 @@ class ResultsScreen(Screen):
             yield Static(measured_view(self.points, self.float_ppl, bits), id="rd-measured")
         yield Footer()
 
+    def on_mount(self) -> None:
+        self.query_one("#results", VerticalScroll).focus()  # arrows / page keys scroll at once
+
     # -- measured rate-distortion ----------------------------------------------------------
     def action_measure(self) -> None:
         if self.measuring:
@@ -128,6 +131,7 @@ class ResultsScreen(Screen):
         if not self.points:  # the job was not evaluated: measure its own budget as well
             budgets = sorted(budgets + [self.spec.bits if self.spec.bits is not None else round(bits, 2)])
         self.measuring = True
+        self.query_one("#results", VerticalScroll).scroll_end(animate=False)  # where the points appear
         self.query_one("#rd-status", Static).update(
             f"measuring {len(budgets)} budgets: " + ", ".join(f"{b:g}" for b in budgets) + " …")
         self.measure(self.spec, budgets, self.float_ppl)

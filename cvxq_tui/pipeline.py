@@ -706,7 +706,6 @@ class Job:
         self.emit(Finished(report, str(self.out)))
         return report
 
-
     # -- measured rate-distortion ---------------------------------------------------------
     def measure_budget(self, bits: float) -> dict:
         """CVXQ, on a job taken as far as its plans: allocate `bits`, quantize in memory

@@ -30,8 +30,8 @@ K_PROJ = "model.layers.0.self_attn.k_proj"
 
 
 def tiny_spec(out, **kw) -> JobSpec:
-    return JobSpec(include=["model.layers.0.*"], calib_samples=2, seq_len=64, evaluate=False,
-                   out=str(out), **kw)
+    kw = {"include": ["model.layers.0.*"], "calib_samples": 2, "seq_len": 64, "evaluate": False, **kw}
+    return JobSpec(out=str(out), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +59,14 @@ async def wait_for(pilot, condition, timeout: float = 120.0) -> None:
 def drive(scenario):
     """Run an async pilot scenario from a plain test (no asyncio plugin needed)."""
     asyncio.run(scenario())
+
+
+async def start_job(pilot) -> RunScreen:
+    """F5 from the start screen: the run screen opens on the draft's job."""
+    await pilot.press("f5")
+    await pilot.pause(0.2)
+    assert isinstance(pilot.app.screen, RunScreen)
+    return pilot.app.screen
 
 
 async def type_into(pilot, selector: str, text: str) -> None:
@@ -176,9 +184,7 @@ def test_run_to_results(layout, tmp_path):
     async def scenario():
         app = CvxqApp(tiny_spec(out), layout=layout)
         async with app.run_test(size=(80, 24)) as pilot:
-            await pilot.press("f5")
-            await pilot.pause(0.2)
-            assert isinstance(app.screen, RunScreen)
+            await start_job(pilot)
             await wait_for(pilot, lambda: isinstance(app.screen, ResultsScreen), 240)
             await pilot.pause(0.3)
             text = screen_text(app)
@@ -202,9 +208,7 @@ def test_cancel_then_resume(layout, tmp_path):
     async def scenario():
         app = CvxqApp(tiny_spec(out), layout=layout)
         async with app.run_test(size=(80, 24)) as pilot:
-            await pilot.press("f5")
-            await pilot.pause(0.2)
-            run = app.screen
+            run = await start_job(pilot)
             await wait_for(pilot, lambda: run.progress.index >= 1, 120)   # past loading
             await pilot.press("ctrl+q")                       # quitting asks while a job runs
             await pilot.pause(0.2)
@@ -263,3 +267,101 @@ def test_screens_render(layout, tmp_path, size):
             await pilot.press("escape", "escape")
             assert isinstance(app.screen, StartScreen)
     drive(scenario)
+
+
+# -- cancel while the model loads -------------------------------------------------------------
+def test_cancel_during_load_is_prompt(layout, tmp_path, monkeypatch):
+    """Loading has no cancel points of its own (from_pretrained): a load that would take a
+    minute must still end the job within a moment of the cancel, resumable."""
+    from cvxq_tui import models
+
+    release = __import__("threading").Event()
+    real_load = models.load_model
+
+    def slow_load(*args, **kw):
+        release.wait(60)                      # a load that ignores cancel, like from_pretrained
+        return real_load(*args, **kw)
+
+    monkeypatch.setattr(models, "load_model", slow_load)
+    out = tmp_path / "out"
+
+    async def scenario():
+        app = CvxqApp(tiny_spec(out), layout=layout)
+        async with app.run_test(size=(80, 24)) as pilot:
+            run = await start_job(pilot)
+            await wait_for(pilot, lambda: run.progress.index == 0, 30)    # in the load stage
+            assert "load" in str(run.query_one("#stage").render())
+            await pilot.press("escape")
+            await pilot.pause(0.1)
+            assert isinstance(app.screen, ConfirmDialog)
+            t0 = time.monotonic()
+            await pilot.press("y")
+            await wait_for(pilot, lambda: run.state == "cancelled", 10)
+            assert time.monotonic() - t0 < 3.0
+            assert "cancelled" in str(run.query_one("#stage").render())
+            assert (out / "job.json").is_file() and not (out / "report.json").exists()
+    try:
+        drive(scenario)
+    finally:
+        release.set()
+
+
+# -- F5 reuses the preview; measured rate-distortion -------------------------------------------
+def test_calibration_key_ignores_budget_and_output():
+    from cvxq_tui.pipeline import calibration_key
+
+    base = tiny_spec("a")
+    same = tiny_spec("b", bits=2.5, pin=[("model.layers.0.mlp.up_proj", 4)], evaluate=True, rounds=2)
+    assert calibration_key(base) == calibration_key(same)
+    for other in (tiny_spec("a", calib_samples=3), tiny_spec("a", text="x.txt"), tiny_spec("a", seed=1),
+                  tiny_spec("a", group_rows=128), JobSpec(out="a", calib_samples=2, seq_len=64)):
+        assert calibration_key(other) != calibration_key(base)
+
+
+def test_run_reuses_preview_then_measures_rd(layout, tmp_path, monkeypatch):
+    """c plans the preview; F5 runs from its calibration (no second load); on the results
+    screen m quantizes + evaluates budgets around the job's own on that same calibration and
+    plots perplexity against bits."""
+    from cvxq_tui import models, pipeline
+
+    loads, adopted = [], []
+    real_load, real_adopt = models.load_model, pipeline.Job.adopt
+    monkeypatch.setattr(models, "load_model", lambda *a, **kw: loads.append(1) or real_load(*a, **kw))
+    monkeypatch.setattr(pipeline.Job, "adopt", lambda job, donor: adopted.append(job.spec.out) or
+                        real_adopt(job, donor))
+    out = tmp_path / "out"
+    spec = tiny_spec(out, evaluate=True, eval_samples=2, eval_seq_len=64, ood_eval=False)
+
+    async def scenario():
+        app = CvxqApp(spec, layout=layout)
+        async with app.run_test(size=(100, 40)) as pilot:
+            await pilot.press("f2")
+            await pilot.press("c")
+            await wait_for(pilot, lambda: app.draft.allocation is not None, 120)
+            preview = app.preview
+            assert len(loads) == 1
+            run = await pilot.press("f5") or app.screen
+            assert isinstance(run, RunScreen)
+            await wait_for(pilot, lambda: isinstance(app.screen, ResultsScreen), 240)
+            await pilot.pause(0.3)
+            assert len(loads) == 1 and app.preview is preview        # nothing loaded or calibrated again
+            assert adopted == [str(out)]
+            results = app.screen
+            assert len(results.points) == 1                           # the job's own, evaluated
+            await pilot.press("m")
+            await wait_for(pilot, lambda: not results.measuring, 240)
+            await pilot.pause(0.3)
+            assert len(loads) == 1 and len(adopted) == 2              # the measurement too
+            bits = sorted(p["bits"] for p in results.points)
+            assert len(bits) == 5 and bits[0] < 2.2 and bits[-1] > 3.8, bits
+            ppl = {round(p["bits"]): p["perplexity"]["eval"] for p in results.points}
+            assert ppl[2] > ppl[4] > 0
+            results.query_one("#results").scroll_end(animate=False)   # the last section
+            await pilot.pause(0.3)
+            text = screen_text(app)
+            assert "Measured perplexity" in text and "measured: 5 quantized points" in text
+            assert "◆" in text and "●" in text and "fp32" in text
+    drive(scenario)
+    report = json.loads((out / "report.json").read_text())
+    assert "calibrate" not in report["totals"]["seconds_per_stage"]
+    assert "load" not in report["totals"]["seconds_per_stage"]

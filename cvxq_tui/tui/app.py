@@ -193,7 +193,11 @@ class CvxqApp(App):
 
     def on_preview_progress(self, msg: PreviewProgress) -> None:
         self.preview_status = msg.text
-        self.sync_screen()
+        sync_status = getattr(self.screen, "sync_status", None)
+        if sync_status is not None and self.screen.is_mounted:
+            sync_status()  # rows do not change while calibrating
+        else:
+            self.sync_screen()
 
     def on_preview_ready(self, msg: PreviewReady) -> None:
         self.preview = msg.preview

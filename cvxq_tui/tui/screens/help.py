@@ -25,6 +25,9 @@ HELP = """\
   enter         results when done
 [b]Results[/b]
   esc           back to the options  n             new job (start screen)
+  m             measure: quantize + evaluate budgets around this one (CVXQ),
+                perplexity vs bits plotted next to the predicted curve
+  (F5 after c reuses the preview's calibration; a finished CVXQ job's is kept)
 """
 
 

@@ -55,6 +55,7 @@ class LayersScreen(Screen):
         self.pattern = ""
         self.pin_for: Optional[str] = None   # the layer waiting for its pin digit
         self.prefix = ""                      # shared by every layer name; shown once, in the header
+        self._shown: dict[str, list] = {}     # the cells each row shows now
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -117,9 +118,12 @@ class LayersScreen(Screen):
         table.clear()
         if layout is None:
             return
+        self._shown = {}
         for m in layout.layers:
             if matches(m.name, self.pattern):
-                table.add_row(*self._cells(m), key=m.name)
+                cells = self._cells(m)
+                table.add_row(*cells, key=m.name)
+                self._shown[m.name] = cells
         if current is not None and current in table.rows:
             table.move_cursor(row=table.get_row_index(current))
 
@@ -136,8 +140,14 @@ class LayersScreen(Screen):
             return
         for m in layout.layers:
             if m.name in table.rows:
-                for (key, _), value in zip(COLUMNS, self._cells(m)):
-                    table.update_cell(m.name, key, value, update_width=True)
+                cells = self._cells(m)
+                if self._shown.get(m.name) == cells:
+                    continue  # one keypress changes a row or two, not 210 x 8 cells
+                old = self._shown.get(m.name) or [None] * len(cells)
+                for (key, _), value, before in zip(COLUMNS, cells, old):
+                    if value != before:
+                        table.update_cell(m.name, key, value, update_width=True)
+                self._shown[m.name] = cells
 
     def _cursor_name(self) -> Optional[str]:
         table = self.query_one("#layers", DataTable)
@@ -147,9 +157,15 @@ class LayersScreen(Screen):
 
     # -- rendering -----------------------------------------------------------------------
     def sync(self) -> None:
-        app, d = self.app, self.app.draft
-        self.query_one("#budget-line", Static).update(f"[b]{d.spec.method}[/b]  {d.estimate().line()}")
+        self.query_one("#budget-line", Static).update(
+            f"[b]{self.app.draft.spec.method}[/b]  {self.app.draft.estimate().line()}")
         self.refresh_rows()
+        self.sync_status()
+
+    def sync_status(self) -> None:
+        """The status line and the sparkline only: preview progress comes many times a
+        second and must not rewrite every row of a 200-layer table."""
+        app, d = self.app, self.app.draft
         series = self._bits_series()
         self.query_one("#bits-spark", Sparkline).data = series
         if self.pin_for is not None:

@@ -1,5 +1,6 @@
 """Results screen: what the job produced (size, bits/weight, perplexities), how the bits were
-spread, the predicted rate-distortion curve, where the output is and how to reproduce it."""
+spread, the predicted rate-distortion curve, where the output is and how to reproduce it, and
+(key m) perplexity measured at budgets around the job's."""
 
 from __future__ import annotations
 
@@ -105,14 +106,17 @@ class ResultsScreen(Screen):
             yield Static(bits_histogram([row["bits"] for row in r["layers"]]), id="histogram")
             yield Static("[b]Predicted distortion vs bits/weight[/b] (this budget highlighted)", classes="section")
             yield Static(rd_chart(self.allocation, bits), id="rd")
-            yield Static("[b]Measured perplexity vs bits/weight[/b]", classes="section")
-            yield Static(id="rd-status", classes="rd-status")
-            yield Static(measured_view(self.points, self.float_ppl, bits), id="rd-measured")
             yield Static("[b]Output[/b]", classes="section")
             yield Static(Text(f"{self.out_dir}  (model.safetensors, report.json)"), id="out-dir")
             yield Static("[b]Reproduce[/b]", classes="section")
             yield Static(Text(r.get("command") or self.spec.batch_command()), id="command")
+            yield Static("[b]Measured perplexity vs bits/weight[/b] (m measures)", classes="section")
+            yield Static(id="rd-status", classes="rd-status")
+            yield Static(measured_view(self.points, self.float_ppl, bits), id="rd-measured")
         yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#results", VerticalScroll).focus()  # arrows / page keys scroll at once
 
     # -- measured rate-distortion ----------------------------------------------------------
     def action_measure(self) -> None:
@@ -127,6 +131,7 @@ class ResultsScreen(Screen):
         if not self.points:  # the job was not evaluated: measure its own budget as well
             budgets = sorted(budgets + [self.spec.bits if self.spec.bits is not None else round(bits, 2)])
         self.measuring = True
+        self.query_one("#results", VerticalScroll).scroll_end(animate=False)  # where the points appear
         self.query_one("#rd-status", Static).update(
             f"measuring {len(budgets)} budgets: " + ", ".join(f"{b:g}" for b in budgets) + " …")
         self.measure(self.spec, budgets, self.float_ppl)

@@ -102,7 +102,7 @@ def _run_batch(spec, json_out: bool) -> None:
 def eval_command(
     folder: Annotated[Path, typer.Argument(help="A cvxq-tui output folder or a plain HF model folder.")],
     text: Annotated[Optional[str], typer.Option(help="Text file/folder. Default: the built-in evaluation text.")] = None,
-    samples: Annotated[int, typer.Option(help="Evaluation windows.")] = 40,
+    samples: Annotated[int, typer.Option(help="Evaluation windows.")] = JobSpec.eval_samples,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 512,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):

@@ -54,7 +54,10 @@ def jobs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cvxq_job(jobs):
-    return run_job(jobs / "cvxq", "--bits", "3.0", *TWO_BLOCKS, *CALIB, *EVAL)
+    # Error feedback and bias correction are off by default (bench/defaults.py); this job
+    # turns them on so their paths (and biases in the export) stay covered.
+    return run_job(jobs / "cvxq", "--bits", "3.0", "--error-feedback", "--bias-correction", *TWO_BLOCKS, *CALIB,
+                   *EVAL)
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,9 @@ DEFAULT_VARIANTS = [
     "group_rows=128",
     "group_rows=64",
     "bias_correction=0",
+    "bias_correction=1",
     "error_feedback=0",
+    "error_feedback=1",
     "rounds=2",
 ]
 
@@ -107,13 +109,13 @@ def main() -> None:
         done.add(name)
         job.spec = spec
         job.restore()
-        c0 = time.process_time()
         est = spec.sensitivity
         if est not in g2s:
             c = time.process_time()
             g2s[est] = calibrate.collect_sensitivity(job.model, job.layers, job.calib, estimator=est,
                                                      input_stats=stats, seed=spec.seed)
             cpu_sens[est] = time.process_time() - c
+        c0 = time.process_time()
         job.stats, job.g2 = stats, g2s[est]
         key = (est, spec.group_rows)
         if key not in plans:
@@ -128,7 +130,8 @@ def main() -> None:
             job.quantize(checkpoints=False)
         job.apply()
         # CPU of the job without evaluation; the shared calibration is charged to each
-        # variant: its estimator's pass plus the input statistics.
+        # variant: its estimator's pass plus the input statistics. A plan shared with an
+        # earlier variant is charged to the first only.
         cpu = time.process_time() - c0 + cpu_sens[est] + cpu_stats
         nll = {k: window_nlls(job.model, w) for k, w in job.evals.items()}
         if not ref_nll:

@@ -21,15 +21,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bits", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.0])
     ap.add_argument("--methods", nargs="+", default=["cvxq", "rtn", "gptq"])
-    ap.add_argument("--calib-samples", type=int, default=32)
-    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--calib-samples", type=int, default=JobSpec.calib_samples)
+    ap.add_argument("--seq-len", type=int, default=JobSpec.seq_len)
     ap.add_argument("--eval-samples", type=int, default=16)
     ap.add_argument("--eval-seq-len", type=int, default=512)
-    ap.add_argument("--sensitivity", default="fisher")
-    ap.add_argument("--quantizer", default="laplace")
-    ap.add_argument("--group-rows", type=int, default=64)
-    ap.add_argument("--no-error-feedback", action="store_true")
-    ap.add_argument("--no-bias-correction", action="store_true")
+    ap.add_argument("--sensitivity", default=JobSpec.sensitivity)
+    ap.add_argument("--quantizer", default=JobSpec.quantizer)
+    ap.add_argument("--group-rows", type=int, default=JobSpec.group_rows)
+    ap.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, default=JobSpec.error_feedback)
+    ap.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=JobSpec.bias_correction)
     ap.add_argument("--gptq-group", type=int, default=0)
     ap.add_argument("--json", help="also write the rows to this file")
     a = ap.parse_args()
@@ -39,8 +39,8 @@ def main() -> None:
     for method in a.methods:
         spec = JobSpec(method=method, bits=a.bits[0], calib_samples=a.calib_samples, seq_len=a.seq_len,
                        eval_samples=a.eval_samples, eval_seq_len=a.eval_seq_len, sensitivity=a.sensitivity,
-                       quantizer=a.quantizer, group_rows=a.group_rows, error_feedback=not a.no_error_feedback,
-                       bias_correction=not a.no_bias_correction, gptq_group=a.gptq_group)
+                       quantizer=a.quantizer, group_rows=a.group_rows, error_feedback=a.error_feedback,
+                       bias_correction=a.bias_correction, gptq_group=a.gptq_group)
         job = Job(spec)
         job.load()
         if fp is None:

@@ -12,6 +12,7 @@ from typing import Annotated, List, Optional
 import typer
 
 from .errors import CvxqError, ExitCode, InputError, JobCancelled
+from .spec import JobSpec  # plain Python: the option defaults are the spec's
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
@@ -44,17 +45,17 @@ def main_command(
     include: Annotated[List[str], typer.Option(help="Quantize only layers matching this glob (repeatable).")] = [],
     exclude: Annotated[List[str], typer.Option(help="Leave layers matching this glob unquantized (repeatable).")] = [],
     pin: Annotated[List[str], typer.Option(help="GLOB=BITS: fix the depth of matching layers (repeatable).")] = [],
-    quantizer: Annotated[str, typer.Option(help="CVXQ codebook: laplace (companded), uniform or lloyd.")] = "laplace",
-    sensitivity: Annotated[str, typer.Option(help="Sensitivity estimator: fisher, grad (CVXQ paper) or hessian (no backprop).")] = "fisher",
-    group_rows: Annotated[int, typer.Option("--group-rows", help="Rows per CVXQ group (multiple of 32).")] = 64,
+    quantizer: Annotated[str, typer.Option(help="CVXQ codebook: laplace (companded), uniform or lloyd.")] = JobSpec.quantizer,
+    sensitivity: Annotated[str, typer.Option(help="Sensitivity estimator: fisher, grad (CVXQ paper) or hessian (no backprop).")] = JobSpec.sensitivity,
+    group_rows: Annotated[int, typer.Option("--group-rows", help="Rows per CVXQ group (multiple of 32).")] = JobSpec.group_rows,
     gptq_group: Annotated[int, typer.Option("--gptq-group", help="RTN/GPTQ group size along inputs; 0 = largest depth the budget allows.")] = 0,
-    calib_samples: Annotated[int, typer.Option("--calib-samples", help="Calibration sequences.")] = 32,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sequence.")] = 256,
-    eval_samples: Annotated[int, typer.Option("--eval-samples", help="Evaluation windows per text.")] = 40,
-    eval_seq_len: Annotated[int, typer.Option("--eval-seq-len", help="Tokens per evaluation window.")] = 512,
-    rounds: Annotated[int, typer.Option(help="CVXQ rounds: each further round re-measures sensitivities at the quantized weights and re-allocates.")] = 1,
-    error_feedback: Annotated[bool, typer.Option("--error-feedback/--no-error-feedback", help="GPTQ-style error feedback inside CVXQ.")] = True,
-    bias_correction: Annotated[bool, typer.Option("--bias-correction/--no-bias-correction", help="Correct biases for the mean quantization error.")] = True,
+    calib_samples: Annotated[int, typer.Option("--calib-samples", help="Calibration sequences.")] = JobSpec.calib_samples,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sequence.")] = JobSpec.seq_len,
+    eval_samples: Annotated[int, typer.Option("--eval-samples", help="Evaluation windows per text.")] = JobSpec.eval_samples,
+    eval_seq_len: Annotated[int, typer.Option("--eval-seq-len", help="Tokens per evaluation window.")] = JobSpec.eval_seq_len,
+    rounds: Annotated[int, typer.Option(help="CVXQ rounds: each further round re-measures sensitivities at the quantized weights and re-allocates.")] = JobSpec.rounds,
+    error_feedback: Annotated[bool, typer.Option("--error-feedback/--no-error-feedback", help="GPTQ-style error feedback inside CVXQ.")] = JobSpec.error_feedback,
+    bias_correction: Annotated[bool, typer.Option("--bias-correction/--no-bias-correction", help="Correct biases for the mean quantization error.")] = JobSpec.bias_correction,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Measure perplexity before and after.")] = True,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Random seed (calibration signs, sampling).")] = 0,
@@ -131,7 +132,7 @@ def _stop_on_signals(cancel):
 def eval_command(
     folder: Annotated[Path, typer.Argument(help="A cvxq-tui output folder or a plain HF model folder.")],
     text: Annotated[Optional[str], typer.Option(help="Text file/folder. Default: the built-in evaluation text.")] = None,
-    samples: Annotated[int, typer.Option(help="Evaluation windows.")] = 40,
+    samples: Annotated[int, typer.Option(help="Evaluation windows.")] = JobSpec.eval_samples,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 512,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):

@@ -34,6 +34,21 @@ def perplexity(
     (seq_len - 1 per window). ``windows`` is a LongTensor [n, seq_len].
     ``on_progress(done, total)`` is called with window counts after each batch; ``cancel``
     is polled between batches and raises JobCancelled when set."""
+    nll = window_nlls(model, windows, batch_size=batch_size, on_progress=on_progress, cancel=cancel)
+    # Every window predicts the same number of tokens: the mean of the window means is the
+    # mean over all tokens.
+    return math.exp(sum(nll) / len(nll))
+
+
+def window_nlls(
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    *,
+    batch_size: int = 4,
+    on_progress: Callable[[int, int], None] | None = None,
+    cancel: CancelFlag | None = None,
+) -> list[float]:
+    """Mean next-token NLL of each window (its spread gives the perplexity's standard error)."""
     if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise TextError(
             f"No evaluation windows to score (shape {tuple(windows.shape)}). Fix: use a longer "
@@ -41,8 +56,7 @@ def perplexity(
         )
     total = windows.shape[0]
     device = _device_of(model)
-    nll_sum = 0.0
-    n_tokens = 0
+    out: list[float] = []
     was_training = model.training
     model.eval()
     try:
@@ -55,17 +69,27 @@ def perplexity(
                     )
                 batch = windows[start:start + batch_size].to(device)
                 logits = model(input_ids=batch, use_cache=False).logits
-                # Summed in float32 per batch, accumulated in float64 across batches.
                 nll = F.cross_entropy(
                     logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                     batch[:, 1:].reshape(-1),
-                    reduction="sum",
-                )
-                nll_sum += float(nll)
-                n_tokens += batch[:, 1:].numel()
+                    reduction="none",
+                ).view(batch.shape[0], -1)
+                out.extend(nll.double().mean(1).tolist())
                 del logits
                 if on_progress is not None:
                     on_progress(min(start + batch_size, total), total)
     finally:
         model.train(was_training)
-    return math.exp(nll_sum / n_tokens)
+    return out
+
+
+def paired_se_pct(before: list[float], after: list[float]) -> float:
+    """Standard error, in % of the perplexity ratio, of exp(mean(after - before)) from the
+    spread of the per-window NLL differences (same windows for both)."""
+    n = len(before)
+    if n < 2 or len(after) != n:
+        return float("nan")
+    d = [a - b for a, b in zip(after, before)]
+    m = sum(d) / n
+    var = sum((x - m) ** 2 for x in d) / (n - 1)
+    return 100.0 * math.sqrt(var / n)

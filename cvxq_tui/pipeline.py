@@ -8,6 +8,7 @@ import dataclasses
 import fnmatch
 import hashlib
 import json
+import math
 import resource
 import shutil
 import threading
@@ -224,6 +225,7 @@ class Job:
         # What --resume took from OUT/.work instead of recomputing (reported in report.json).
         self.reused = {"calibration": False, "perplexity_before": False, "plans": [], "layers": []}
         self.adopted = False    # load, calibrate and plan were taken over from another job
+        self.window_nll: dict[str, dict[str, list[float]]] = {}  # tag -> text -> NLL per window
         torch.manual_seed(spec.seed)
 
     # -- load ----------------------------------------------------------------------------
@@ -298,22 +300,23 @@ class Job:
 
         cached = {}
         if tag == "float":
-            cached = {k: v for k in self.evals if (v := _cached_ppl(self._ppl_key(k))) is not None}
+            cached = {k: v for k in self.evals if (v := _cached_nll(self._ppl_key(k), len(self.evals[k])))}
             if cached:
                 self.emit(Log(f"float perplexity ({', '.join(cached)}) from the cache, measured before "
                               "on the same model and token windows"))
 
         def work():
-            res = dict(cached)
+            nll = dict(cached)
             for key, windows in self.evals.items():
-                if key in res:
+                if key in nll:
                     continue
                 def prog(done, total, key=key):
                     self.emit(StageProgress("evaluate", done, total, f"{tag} model, {key} text"))
-                res[key] = evaluate.perplexity(self.model, windows, on_progress=prog, cancel=self.cancel)
+                nll[key] = evaluate.window_nlls(self.model, windows, on_progress=prog, cancel=self.cancel)
                 if tag == "float":
-                    _store_ppl(self._ppl_key(key), res[key])
-            return res
+                    _store_nll(self._ppl_key(key), nll[key])
+            self.window_nll[tag] = nll
+            return {k: math.exp(sum(v) / len(v)) for k, v in nll.items()}
         return self.stages.run("evaluate", work) if self.evals else {}
 
     def _ppl_key(self, key: str) -> str:
@@ -612,6 +615,9 @@ class Job:
             "budget": self.spec.budget_text(),
             "perplexity_before": self.ppl_before,
             "perplexity_after": self.ppl_after,
+            # Standard error (% of the ratio) of perplexity after / before, from the spread
+            # of the per-window differences: differences between runs well inside it are noise.
+            "perplexity_ratio_se_pct": self._ratio_se(),
             "seconds_per_stage": self.stages.seconds,
             "cpu_seconds_per_stage": self.stages.cpu_seconds,
             "seconds_total": time.perf_counter() - self.t_start,
@@ -620,6 +626,12 @@ class Job:
             "eval_windows": {k: list(v.shape) for k, v in self.evals.items()},
             "calib_windows": list(self.calib.shape),
         }
+
+    def _ratio_se(self) -> dict[str, float]:
+        from .evaluate import paired_se_pct
+
+        a, b = self.window_nll.get("float", {}), self.window_nll.get("quantized", {})
+        return {k: paired_se_pct(a[k], b[k]) for k in a if k in b}
 
     def report(self) -> dict:
         totals = self.totals()
@@ -846,19 +858,21 @@ def _ppl_cache_file(key: str) -> Path:
     return cache_dir() / "perplexity" / f"{key}.json"
 
 
-def _cached_ppl(key: str) -> Optional[float]:
+def _cached_nll(key: str, n: int) -> Optional[list[float]]:
+    """Per-window NLLs of the float model from the cache, or None."""
     try:
-        v = json.loads(_ppl_cache_file(key).read_text())["perplexity"]
-        return float(v) if isinstance(v, (int, float)) and v > 0 else None
+        v = json.loads(_ppl_cache_file(key).read_text())["window_nll"]
+        v = [float(x) for x in v]
+        return v if len(v) == n and all(math.isfinite(x) for x in v) else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def _store_ppl(key: str, ppl: float) -> None:
+def _store_nll(key: str, nll: list[float]) -> None:
     path = _ppl_cache_file(key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps({"perplexity": ppl})))
+        write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps({"window_nll": nll})))
     except OSError:
         pass  # a cache that cannot be written only costs time
 

@@ -98,24 +98,6 @@ __device__ void load_shared(Shared& sh, const float* table) {
   __syncthreads();
 }
 
-// Where this lane's group of tile t starts for slice s; returns its depth in *bits and
-// the warp's largest depth in *max_bits. Lanes past the last column get depth 0.
-__device__ __forceinline__ uint32_t group_words(const Params& p, int c, int t, int s, int slices,
-                                                int lane, int* bits, int* max_bits) {
-  const int64_t j = (int64_t)t * kTileCols + lane;
-  const int B = j < p.cols ? (int)p.depth[(int64_t)c * p.cols + j] : 0;
-  const uint32_t words = (uint32_t)(B * slices);
-  uint32_t inc = words;  // inclusive prefix sum over the lanes of the tile
-#pragma unroll
-  for (int d = 1; d < 32; d <<= 1) {
-    const uint32_t v = __shfl_up_sync(kFull, inc, d);
-    if (lane >= d) inc += v;
-  }
-  *bits = B;
-  *max_bits = (int)__reduce_max_sync(kFull, (unsigned)B);
-  return p.toff[(int64_t)c * p.n_tiles + t] + (inc - words) + (uint32_t)(s * B);
-}
-
 // Loads the B plane words (0 above B; planes at or above the warp's largest depth are not
 // touched, so the loop costs what the deepest group of the tile needs).
 __device__ __forceinline__ void load_planes(const uint32_t* __restrict__ payload, uint32_t off,
@@ -178,6 +160,27 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Where a warp job sits: cluster c, slice s, row pass q, its tiles [t_begin, t_end) and the
+// cluster's slice count. False for the slices a short last cluster lacks (uniform over the
+// warp, so the whole warp skips the job).
+struct JobPos {
+  int c, s, q, slices, t_begin, t_end;
+};
+
+__device__ __forceinline__ bool locate_job(const Params& p, int64_t job, JobPos& j) {
+  j.q = (int)(job % p.passes);
+  job /= p.passes;
+  j.s = (int)(job % p.slices_max);
+  job /= p.slices_max;
+  const int chunk = (int)(job % p.n_chunks);
+  j.c = (int)(job / p.n_chunks);
+  const int64_t cl_rows = min((int64_t)p.group_rows, p.rows_pad - (int64_t)j.c * p.group_rows);
+  j.slices = (int)(cl_rows / kSliceRows);
+  j.t_begin = chunk * p.chunk_tiles;
+  j.t_end = min(p.n_tiles, j.t_begin + p.chunk_tiles);
+  return j.s < j.slices;
+}
+
 // One tile's loads for one lane that need no other load first: depth, tile offset,
 // scale/loc and the NB inputs of its column. Issued two tiles ahead of their use.
 template <int NB>
@@ -230,6 +233,15 @@ __device__ __forceinline__ void resolve(const Params& p, const TileRaw<NB>& raw,
   for (int b = 0; b < NB; ++b) in.xv[b] = raw.xv[b];
 }
 
+// A whole tile at once (depth, offsets, plane words, scale/loc; no inputs), for the kernels
+// that do not pipeline.
+__device__ __forceinline__ void load_tile(const Params& p, int c, int t, int s, int slices, int lane,
+                                          TileIn<1>& tile) {
+  TileRaw<1> raw;
+  fetch_raw<1>(p, nullptr, 0, c, t, lane, raw);
+  resolve<1>(p, raw, s, slices, lane, tile);
+}
+
 // acc[row * NB + b] += a[b] * T_B[k(row)] for the ROWS rows of pass q of a decoded tile.
 template <int MAXB, int NB, int ROWS>
 __device__ __forceinline__ void decode_rows(const Shared& sh, const TileIn<NB>& cur, const float (&a)[NB], int q,
@@ -257,14 +269,9 @@ matmul_rows_kernel(Params p, const float* __restrict__ x, int nb, float* __restr
   const int lane = threadIdx.x & 31;
   const int64_t warps = (int64_t)gridDim.x * kWarps;
   for (int64_t job = (int64_t)blockIdx.x * kWarps + (threadIdx.x >> 5); job < p.n_jobs; job += warps) {
-    int64_t r = job;
-    const int q = (int)(r % p.passes); r /= p.passes;
-    const int s = (int)(r % p.slices_max); r /= p.slices_max;
-    const int chunk = (int)(r % p.n_chunks);
-    const int c = (int)(r / p.n_chunks);
-    const int64_t cl_rows = min((int64_t)p.group_rows, p.rows_pad - (int64_t)c * p.group_rows);
-    const int slices = (int)(cl_rows / kSliceRows);
-    if (s >= slices) continue;  // only in a short last cluster; uniform over the warp
+    JobPos jp;
+    if (!locate_job(p, job, jp)) continue;
+    const int c = jp.c, s = jp.s, q = jp.q, slices = jp.slices;
 
     float acc[ROWS * NB];
 #pragma unroll
@@ -273,8 +280,7 @@ matmul_rows_kernel(Params p, const float* __restrict__ x, int nb, float* __restr
 #pragma unroll
     for (int b = 0; b < NB; ++b) lsum[b] = 0.f;
 
-    const int t_begin = chunk * p.chunk_tiles;
-    const int t_end = min(p.n_tiles, t_begin + p.chunk_tiles);
+    const int t_begin = jp.t_begin, t_end = jp.t_end;
     // Three stages: raw loads of tile t + 2, prefix sum and plane loads of tile t + 1,
     // decoding of tile t.
     TileRaw<NB> raw;
@@ -341,13 +347,9 @@ matmul_cols_kernel(Params p, const float* __restrict__ x, int nb, float* __restr
   float* xs = xs_all[warp];
   const int64_t warps = (int64_t)gridDim.x * kWarps;
   for (int64_t job = (int64_t)blockIdx.x * kWarps + warp; job < p.n_jobs; job += warps) {
-    int64_t r = job;  // passes == 1 here
-    const int s = (int)(r % p.slices_max); r /= p.slices_max;
-    const int chunk = (int)(r % p.n_chunks);
-    const int c = (int)(r / p.n_chunks);
-    const int64_t cl_rows = min((int64_t)p.group_rows, p.rows_pad - (int64_t)c * p.group_rows);
-    const int slices = (int)(cl_rows / kSliceRows);
-    if (s >= slices) continue;
+    JobPos jp;
+    if (!locate_job(p, job, jp)) continue;
+    const int c = jp.c, s = jp.s;
 
     const int64_t row = (int64_t)c * p.group_rows + (int64_t)s * kSliceRows + lane;
     float xsum[NB];
@@ -361,22 +363,19 @@ matmul_cols_kernel(Params p, const float* __restrict__ x, int nb, float* __restr
     }
     __syncwarp();
 
-    const int t_end = min(p.n_tiles, (chunk + 1) * p.chunk_tiles);
-    for (int t = chunk * p.chunk_tiles; t < t_end; ++t) {
-      int B, maxB;
-      const uint32_t off = group_words(p, c, t, s, slices, lane, &B, &maxB);
+    for (int t = jp.t_begin; t < jp.t_end; ++t) {
       const int64_t j = (int64_t)t * kTileCols + lane;
       const bool live = j < p.cols;
-      uint32_t w[8];
-      load_planes(p.payload, off, B, maxB, w);
-      const float* tb = sh.table + ((1 << B) - 1);
+      TileIn<1> tile;
+      load_tile(p, c, t, s, jp.slices, lane, tile);
+      const float* tb = sh.table + ((1 << tile.B) - 1);
       float acc[NB];
 #pragma unroll
       for (int b = 0; b < NB; ++b) acc[b] = 0.f;
 #pragma unroll
       for (int ch = 0; ch < 4; ++ch) {
         uint32_t lo, hi;
-        spread8<8>(w, ch, lo, hi);
+        spread8<8>(tile.w, ch, lo, hi);
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
           const float v = tb[byte_of(i < 4 ? lo : hi, i & 3)];
@@ -385,11 +384,9 @@ matmul_cols_kernel(Params p, const float* __restrict__ x, int nb, float* __restr
         }
       }
       if (live) {
-        const float sc = __half2float(p.scale[(int64_t)c * p.cols + j]);
-        const float lc = __half2float(p.loc[(int64_t)c * p.cols + j]);
 #pragma unroll
         for (int b = 0; b < NB; ++b)
-          if (b < nb) atomicAdd(y + (int64_t)b * p.cols + j, sc * acc[b] + lc * xsum[b]);
+          if (b < nb) atomicAdd(y + (int64_t)b * p.cols + j, tile.sc * acc[b] + tile.lc * xsum[b]);
       }
     }
   }
@@ -402,31 +399,20 @@ __global__ void __launch_bounds__(kWarps * 32) dequantize_kernel(Params p, void*
   const int lane = threadIdx.x & 31;
   const int64_t warps = (int64_t)gridDim.x * kWarps;
   for (int64_t job = (int64_t)blockIdx.x * kWarps + (threadIdx.x >> 5); job < p.n_jobs; job += warps) {
-    int64_t r = job;
-    const int s = (int)(r % p.slices_max); r /= p.slices_max;
-    const int chunk = (int)(r % p.n_chunks);
-    const int c = (int)(r / p.n_chunks);
-    const int64_t cl_rows = min((int64_t)p.group_rows, p.rows_pad - (int64_t)c * p.group_rows);
-    const int slices = (int)(cl_rows / kSliceRows);
-    if (s >= slices) continue;
-    const int t_end = min(p.n_tiles, (chunk + 1) * p.chunk_tiles);
-    for (int t = chunk * p.chunk_tiles; t < t_end; ++t) {
-      int B, maxB;
-      const uint32_t off = group_words(p, c, t, s, slices, lane, &B, &maxB);
+    JobPos jp;
+    if (!locate_job(p, job, jp)) continue;
+    const int c = jp.c, s = jp.s;
+    for (int t = jp.t_begin; t < jp.t_end; ++t) {
       const int64_t j = (int64_t)t * kTileCols + lane;
       const bool live = j < p.cols;
-      uint32_t w[8];
-      load_planes(p.payload, off, B, maxB, w);
-      const float* tb = sh.table + ((1 << B) - 1);
-      float sc = 0.f, lc = 0.f;
-      if (live) {
-        sc = __half2float(p.scale[(int64_t)c * p.cols + j]);
-        lc = __half2float(p.loc[(int64_t)c * p.cols + j]);
-      }
+      TileIn<1> tile;
+      load_tile(p, c, t, s, jp.slices, lane, tile);
+      const float* tb = sh.table + ((1 << tile.B) - 1);
+      const float sc = tile.sc, lc = tile.lc;
 #pragma unroll
       for (int ch = 0; ch < 4; ++ch) {
         uint32_t lo, hi;
-        spread8<8>(w, ch, lo, hi);
+        spread8<8>(tile.w, ch, lo, hi);
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
           const int64_t row = (int64_t)c * p.group_rows + (int64_t)s * kSliceRows + ch * 8 + i;

@@ -168,14 +168,18 @@ def job_id(spec: JobSpec) -> str:
 
 # --- budget ----------------------------------------------------------------------------------
 def _layer_fixed_bytes(name: str, rows: int, out_features: int, has_perm: bool, has_bias: bool,
-                       n_tensors: int) -> int:
+                       has_table: bool = False) -> int:
     """Bytes of a packed layer that do not depend on the depths: metadata, permutation,
-    bias and the file header entries."""
+    bias, a Lloyd table and the file header entries of exactly the tensors
+    PackedLinear.to_tensors writes (meta, depth, payload, loc, scale, then the optional ones)."""
     b = 8 * 8
     if has_perm:
         b += rows * (2 if rows < 32768 else 4)
     if has_bias:
         b += 2 * out_features
+    if has_table:
+        b += 4 * _core.TABLE_SIZE
+    n_tensors = 5 + int(has_perm) + int(has_bias) + int(has_table)
     return b + n_tensors * _header_bytes(len(name) + 14)
 
 
@@ -424,7 +428,8 @@ class Job:
         if bits is None and size is None:
             bits, size = spec.bits, spec.size
         if spec.method == "cvxq":
-            fixed = sum(_layer_fixed_bytes(n, mod.out_features, mod.out_features, True, self.has_bias(n, mod), 7)
+            fixed = sum(_layer_fixed_bytes(n, mod.out_features, mod.out_features, True, self.has_bias(n, mod),
+                                            spec.quantizer == "lloyd")
                         for n, mod in self.layers)
             budget_bits = bits * self.n_weights - 8 * fixed if bits is not None else \
                 8 * (size - self.rest_bytes - fixed)
@@ -436,7 +441,7 @@ class Job:
         # RTN/GPTQ use their standard configurations: B bits with a float16 scale and zero per
         # group of inputs, B + 32 / group bits per weight; the per-layer metadata (under 0.02
         # bits/weight) comes on top. With --size it is subtracted first.
-        fixed = sum(_layer_fixed_bytes(n, mod.in_features, mod.out_features, False, self.has_bias(n, mod), 6)
+        fixed = sum(_layer_fixed_bytes(n, mod.in_features, mod.out_features, False, self.has_bias(n, mod))
                     for n, mod in self.layers)
         from_size = bits is None
         if from_size:

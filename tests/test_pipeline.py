@@ -222,7 +222,7 @@ def test_reloaded_layers_are_packed(cvxq_job, reloaded):
     rows = {r["name"]: r for r in cvxq_job.report["layers"]}
     quant = {n: m for n, m in reloaded.named_modules() if isinstance(m, QuantLinear)}
     assert sorted(quant) == sorted(rows)
-    packed_bytes = 0
+    packed_bytes = n_tensors = 0
     for name, mod in quant.items():
         float_bytes = 4 * mod.in_features * mod.out_features
         assert [mod.out_features, mod.in_features] == rows[name]["shape"]
@@ -230,8 +230,12 @@ def test_reloaded_layers_are_packed(cvxq_job, reloaded):
         # No dense float weight is kept: the only parameter is the (corrected) bias.
         assert sum(p.numel() for p in mod.parameters()) == mod.out_features
         packed_bytes += mod.packed.nbytes()
+        n_tensors += len(mod.packed.to_tensors(name))
     n = cvxq_job.report["totals"]["quantized_weights"]
-    assert 8 * packed_bytes / n == pytest.approx(cvxq_job.report["totals"]["bits_per_weight"], abs=0.02)
+    # The report's all-in bits also count the layers' entries in the file header (name,
+    # dtype, shape, offsets and checksum: under 300 bytes per tensor); nothing else.
+    gap = cvxq_job.report["totals"]["bits_per_weight"] - 8 * packed_bytes / n
+    assert 0 <= gap <= 8 * 300 * n_tensors / n, gap
     # Layers outside --include stay plain Linear.
     assert type(reloaded.get_submodule("model.layers.2.mlp.down_proj")) is torch.nn.Linear
 

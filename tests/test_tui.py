@@ -206,7 +206,9 @@ def test_cancel_then_resume(layout, tmp_path):
     out = tmp_path / "out"
 
     async def scenario():
-        app = CvxqApp(tiny_spec(out), layout=layout)
+        # 16 calibration windows of 256 tokens: a calibration of several seconds, so the
+        # job is still running when the keys below arrive (a 2 x 64 one can finish first).
+        app = CvxqApp(tiny_spec(out, calib_samples=16, seq_len=256), layout=layout)
         async with app.run_test(size=(80, 24)) as pilot:
             run = await start_job(pilot)
             await wait_for(pilot, lambda: run.progress.index >= 1, 120)   # past loading
@@ -314,7 +316,7 @@ def test_calibration_key_ignores_budget_and_output():
     same = tiny_spec("b", bits=2.5, pin=[("model.layers.0.mlp.up_proj", 4)], evaluate=True, rounds=2)
     assert calibration_key(base) == calibration_key(same)
     for other in (tiny_spec("a", calib_samples=3), tiny_spec("a", text="x.txt"), tiny_spec("a", seed=1),
-                  tiny_spec("a", group_rows=128), JobSpec(out="a", calib_samples=2, seq_len=64)):
+                  tiny_spec("a", group_rows=2 * base.group_rows), JobSpec(out="a", calib_samples=2, seq_len=64)):
         assert calibration_key(other) != calibration_key(base)
 
 

@@ -8,9 +8,11 @@
 #include <algorithm>
 #include <cstdlib>
 #include <new>
+#include <limits>
 #include <utility>
 
 #include "common.hpp"
+#include "cvxq/gpu_layout.hpp"
 #include "cvxq/packed.hpp"
 #include "cvxq/quantize.hpp"
 
@@ -45,6 +47,46 @@ NpArray<T> new_array(std::initializer_list<size_t> shape, T** data) {
   nb::capsule owner(p, [](void* q) noexcept { std::free(q); });
   *data = p;
   return NpArray<T>(p, shape, owner);
+}
+
+// The GPU tiling (gpu_layout.hpp) as a dict of numpy arrays, ready to copy to a device.
+template <class T>
+NpArray<T> vector_array(const std::vector<T>& v) {
+  T* p;
+  auto out = new_array<T>({v.size()}, &p);
+  std::copy(v.begin(), v.end(), p);
+  return out;
+}
+
+nb::dict layout_dict(const gpu::GpuLayout& L) {
+  nb::dict d;
+  d["payload"] = vector_array(L.payload);
+  d["jobs"] = vector_array(L.jobs);
+  d["records"] = vector_array(L.records);
+  d["pairs"] = vector_array(L.pairs);
+  d["singles"] = vector_array(L.singles);
+  nb::list jb;
+  for (int i = 0; i < 10; ++i) jb.append(L.job_begin[i]);
+  d["job_begin"] = jb;
+  return d;
+}
+
+gpu::GpuLayout layout_from(nb::dict d) {
+  gpu::GpuLayout L;
+  auto take = [&](const char* k, auto& vec) {
+    using T = typename std::decay_t<decltype(vec)>::value_type;
+    Arr1<const T> a;
+    if (!nb::try_cast(d[k], a, false)) throw nb::type_error((std::string("layout['") + k + "'] has the wrong dtype or shape").c_str());
+    vec.assign(a.data(), a.data() + a.shape(0));
+  };
+  take("payload", L.payload);
+  take("jobs", L.jobs);
+  take("records", L.records);
+  take("pairs", L.pairs);
+  take("singles", L.singles);
+  nb::list jb = nb::cast<nb::list>(d["job_begin"]);
+  for (int i = 0; i < 10; ++i) L.job_begin[i] = nb::cast<int64_t>(jb[i]);
+  return L;
 }
 
 struct PackedLayer {
@@ -110,6 +152,15 @@ struct PackedLayer {
       else cvxq::dequantize(view(), w, ctl);
     }
     return result;
+  }
+
+  nb::dict gpu_layout(int64_t units_per_job) const {
+    gpu::GpuLayout L;
+    {
+      nb::gil_scoped_release release;
+      L = gpu::build_layout(view(), units_per_job);
+    }
+    return layout_dict(L);
   }
 
   // x: [cols] -> [rows], or [batch, cols] -> [batch, rows].
@@ -261,9 +312,29 @@ void bind_packed(nb::module_& m) {
       .def("dequantize", &PackedLayer::dequantize, nb::kw_only(), nb::arg("reference") = false,
            nb::arg("out").none() = nb::none(), CVXQ_CONTROL_ARGS,
            "Dense float32[rows, cols] in original row order (written into out if given).")
+      .def("gpu_layout", &PackedLayer::gpu_layout, nb::kw_only(), nb::arg("units_per_job") = 8,
+           "The GPU tiling of this layer (core/include/cvxq/gpu_layout.hpp) as a dict of "
+           "numpy arrays: payload, jobs, records, pairs, singles, and job_begin (a list).")
       .def("matmul", &PackedLayer::matmul, nb::arg("x").noconvert(), nb::kw_only(),
            nb::arg("reference") = false, CVXQ_CONTROL_ARGS,
            "W^ x for x float32[cols] or [batch, cols] -> [rows] or [batch, rows].");
+
+  m.def(
+      "gpu_layout_dense",
+      [](nb::dict layout, int64_t rows, int64_t cols, int64_t group_rows,
+         std::optional<Arr1<const int32_t>> perm) {
+        const gpu::GpuLayout L = layout_from(layout);
+        const Geometry g = make_geometry(rows, cols, group_rows);
+        float* w;
+        auto out = new_array<float>({(size_t)rows, (size_t)cols}, &w);
+        std::fill(w, w + rows * cols, std::numeric_limits<float>::quiet_NaN());
+        gpu::layout_dense_reference(L, g, perm ? perm->data() : nullptr, w);
+        return out;
+      },
+      nb::arg("layout"), nb::arg("rows"), nb::arg("cols"), nb::arg("group_rows"),
+      nb::arg("perm").noconvert().none() = nb::none(),
+      "Reference decode of a GPU tiling to dense float32[rows, cols] (NaN where no job "
+      "wrote), with the float16 table values. For tests.");
 
   // Functional forms: the same operations on keyword arrays.
   m.def(

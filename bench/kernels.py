@@ -4,12 +4,13 @@ the same run.
     python bench/kernels.py gpu   # CUDA GEMV/GEMM vs torch fp16 (cuBLAS) on the same GPU
     python bench/kernels.py cpu   # AVX2 matvec vs torch fp32; decode tokens/s of the default model
 
-GPU method: bytes each kernel must read (payload + depth map + loc/scale + tile offsets + x,
-plus y written) over the device's measured copy bandwidth is the floor; times are medians of
+GPU method: bytes each kernel must read (the layer as it sits on the GPU -- the GPU tiling's
+payload, job list, column records and tables, and perm -- plus x, and y written) over the
+device's measured copy bandwidth is the floor; times are medians of
 CUDA-event timings after warm-up, rotating over enough copies of each layer that L2 (50 MB on
 an H100) holds none of them between runs. Layers have mixed per-group depths (a quarter one
-bit below the average, half at it, a quarter one above) in groups of 64 rows, as the pipeline
-writes them; the payload words are random bits (every bit pattern is a valid index).
+bit below the average, half at it, a quarter one above) in groups of 128 rows (the pipeline's
+default); the payload words are random bits (every bit pattern is a valid index).
 """
 
 from __future__ import annotations
@@ -33,22 +34,23 @@ SHAPES = [(12288, 49152), (8192, 28672), (4096, 4096), (4096, 11008), (11008, 40
 
 
 def _gpu_layer(out_f, in_f, bits, group_rows, rng, torch, _core):
+    """A random packed layer with mixed depths, put on the GPU as load_quantized puts it
+    (CudaPacked: the GPU tiling). Returns (CudaPacked, bytes it reads per product, mean depth,
+    file bytes of the packed layer)."""
+    from cvxq_tui.packed import PackedLinear
+    from cvxq_tui.runtime import CudaPacked
+
     g = _core.geometry(out_f, in_f, group_rows)
     depth = (bits + rng.choice(np.array([-1, 0, 0, 1], dtype=np.int64), size=(g["n_clusters"], in_f))).astype(np.uint8)
     offsets = _core.tile_offsets(out_f, in_f, group_rows, depth)
     words = int(offsets[-1])
-    dev = "cuda"
-    args = dict(
-        rows=out_f, cols=in_f, group_rows=group_rows, transposed=False,
-        depth=torch.from_numpy(depth.reshape(-1)).to(dev),
-        tile_offset=torch.from_numpy(offsets.view(np.int32)).to(dev),
-        payload=torch.randint(-2**31, 2**31 - 1, (words,), dtype=torch.int32, device=dev),
-        loc=torch.from_numpy((0.01 * rng.standard_normal(depth.size)).astype(np.float16).view(np.int16)).to(dev),
-        scale=torch.from_numpy(np.abs(0.02 * rng.standard_normal(depth.size)).astype(np.float16).view(np.int16)).to(dev),
-        table=torch.from_numpy(rng.standard_normal(_core.TABLE_SIZE).astype(np.float32)).to(dev),
-        perm=torch.from_numpy(rng.permutation(out_f).astype(np.int32)).to(dev))
-    nbytes = sum(v.numel() * v.element_size() for k, v in args.items() if hasattr(v, "numel"))
-    return args, nbytes, float(depth.mean())
+    payload = rng.integers(0, 2**32, size=words, dtype=np.uint32)
+    p = PackedLinear(out_f, in_f, False, group_rows, "lloyd", depth, payload,
+                     (0.01 * rng.standard_normal(depth.shape)).astype(np.float16).view(np.uint16),
+                     np.abs(0.02 * rng.standard_normal(depth.shape)).astype(np.float16).view(np.uint16),
+                     rng.standard_normal(_core.TABLE_SIZE).astype(np.float32), rng.permutation(out_f).astype(np.int32))
+    gpu = CudaPacked(p, "cuda")
+    return gpu, gpu.nbytes(), float(depth.mean()), p.nbytes()
 
 
 def _time_cuda(torch, fns, reps=30, warmup=3):
@@ -119,22 +121,21 @@ def gpu(args):
             us16 = _time_cuda(torch, [lambda i=i: torch.nn.functional.linear(xs16[i % 4], ws[i % n_w]) for i in range(max(n_w, 8))])
             bw16 = (w16_bytes + batch * (in_f + out_f) * 2) / (us16 * 1e-6)
             for bits in args.bits:
-                layer, nbytes, mean_depth = _gpu_layer(out_f, in_f, bits, args.group_rows, rng, torch, _core)
+                gpu, nbytes, mean_depth, file_bytes = _gpu_layer(out_f, in_f, bits, args.group_rows, rng, torch, _core)
                 n_q = max(1, -(-4 * l2 // nbytes))
-                layers = [layer] + [dict(layer, payload=layer["payload"].clone(), depth=layer["depth"].clone(),
-                                         loc=layer["loc"].clone(), scale=layer["scale"].clone())
-                                    for _ in range(n_q - 1)]
+                layers = [gpu.args] + [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in gpu.args.items()}
+                                       for _ in range(n_q - 1)]
                 xs = [torch.randn(batch, in_f, device="cuda") for _ in range(4)]
                 ys = [torch.zeros(batch, out_f, device="cuda") for _ in range(4)]
 
                 def step(i):
                     y = ys[i % 4]
                     y.zero_()
-                    _core.cuda_matmul(**layers[i % n_q], x=xs[i % 4], y=y, stream=torch.cuda.current_stream().cuda_stream)
+                    _core.cuda_tiled_matmul(**layers[i % n_q], x=xs[i % 4], y=y,
+                                            stream=torch.cuda.current_stream().cuda_stream)
 
-                # correctness on this very layer, against a dense product of the GPU's own decode
-                ref_w = torch.empty(out_f, in_f, device="cuda")
-                _core.cuda_dequantize(**layer, out=ref_w)
+                # correctness on this very layer, against a dense product of the GPU's exact decode
+                ref_w = gpu.dequantize(torch.float32)
                 step(0)
                 ref = xs[0].double() @ ref_w.double().T
                 err = float((ys[0].double() - ref).norm() / ref.norm())
@@ -144,17 +145,18 @@ def gpu(args):
                 bw = moved / (usq * 1e-6)
                 floor = moved / copy_bw * 1e6
                 rows.append((f"{out_f}x{in_f}", batch, bits, mean_depth, 8 * nbytes / (out_f * in_f),
-                             us16, usq, us16 / usq, bw / copy_bw, floor, bw16 / copy_bw, err))
+                             us16, usq, us16 / usq, bw / copy_bw, floor, bw16 / copy_bw, err,
+                             8 * file_bytes / (out_f * in_f)))
                 del layers, xs, ys
                 torch.cuda.empty_cache()
         del ws
         torch.cuda.empty_cache()
     print()
     print(f"{'shape (out x in)':>16} {'batch':>5} {'bits':>4} {'depth':>5} {'all-in':>6} {'fp16 us':>8} "
-          f"{'cvxq us':>8} {'speed-up':>8} {'bw/copy':>7} {'floor us':>8} {'fp16 bw/copy':>12} {'rel.err':>8}")
+          f"{'cvxq us':>8} {'speed-up':>8} {'bw/copy':>7} {'floor us':>8} {'fp16 bw/copy':>12} {'rel.err':>8} {'file b/w':>8}")
     for r in rows:
         print(f"{r[0]:>16} {r[1]:>5} {r[2]:>4} {r[3]:>5.2f} {r[4]:>6.2f} {r[5]:>8.1f} {r[6]:>8.1f} "
-              f"{r[7]:>7.2f}x {r[8]:>7.2f} {r[9]:>8.1f} {r[10]:>12.2f} {r[11]:>8.1e}")
+              f"{r[7]:>7.2f}x {r[8]:>7.2f} {r[9]:>8.1f} {r[10]:>12.2f} {r[11]:>8.1e} {r[12]:>8.2f}")
 
 
 def cpu(args):
@@ -254,7 +256,7 @@ def main():
     g = sub.add_parser("gpu")
     g.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
     g.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    g.add_argument("--group-rows", type=int, default=64)
+    g.add_argument("--group-rows", type=int, default=128)
     g.add_argument("--quick", action="store_true", help="one shape only")
     c = sub.add_parser("cpu")
     c.add_argument("--threads", type=int, default=2)

@@ -1,5 +1,5 @@
 """One launch of the packed GEMV on a big layer, for a profiler (ncu) to look at.
-    ncu --kernel-name regex:matmul_rows --launch-skip 2 --launch-count 1 python bench/profile_cuda.py"""
+    ncu --kernel-name regex:tiled_matmul --launch-skip 2 --launch-count 1 python bench/profile_cuda.py"""
 import os
 import sys
 from pathlib import Path
@@ -18,9 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import _gpu_layer  # noqa: E402
 
 out_f, in_f = (int(v) for v in os.environ.get("SHAPE", "12288x49152").split("x"))
-layer, _, _ = _gpu_layer(out_f, in_f, int(os.environ.get("BITS", "3")), 64, np.random.default_rng(0), torch, _core)
+gpu, _, _, _ = _gpu_layer(out_f, in_f, int(os.environ.get("BITS", "3")), 128, np.random.default_rng(0), torch, _core)
+layer = gpu.args
 x = torch.randn(1, in_f, device="cuda")
 y = torch.zeros(1, out_f, device="cuda")
 for _ in range(4):
-    _core.cuda_matmul(**layer, x=x, y=y)
+    _core.cuda_tiled_matmul(**layer, x=x, y=y)
 torch.cuda.synchronize()

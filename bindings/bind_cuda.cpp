@@ -7,6 +7,9 @@
 // (PackedLayer does that) before its arrays were copied to the device.
 #include "common.hpp"
 #include "cvxq/format.hpp"
+#include "cvxq/gpu_layout.hpp"
+
+#include <nanobind/stl/vector.h>
 
 #ifdef CVXQ_WITH_CUDA
 #include "cvxq/cuda.hpp"
@@ -60,6 +63,52 @@ cuda::DeviceLayer device_layer(const DevLayerArgs& a) {
       nb::arg("payload").noconvert(), nb::arg("loc").noconvert(),                         \
       nb::arg("scale").noconvert(), nb::arg("table").noconvert(),                         \
       nb::arg("perm").noconvert().none()
+
+struct TiledArgs {
+  int64_t rows, cols;
+  Dev1<const int32_t> payload, jobs, records, pairs;
+  Dev1<const int16_t> singles;
+  Dev1<const float> table;
+  std::optional<Dev1<const int32_t>> perm;
+  std::vector<int64_t> job_begin;
+};
+
+cuda::DeviceTiled device_tiled(const TiledArgs& a) {
+  cuda::DeviceTiled L;
+  if (a.rows < 1 || a.cols < 1) throw ValueError("rows and cols must be >= 1");
+  if (a.job_begin.size() != 10) throw ValueError("job_begin must hold 10 entries");
+  for (int i = 0; i < 10; ++i) {
+    L.job_begin[i] = a.job_begin[(size_t)i];
+    if (L.job_begin[i] < 0 || (i && L.job_begin[i] < L.job_begin[i - 1]))
+      throw ValueError("job_begin must be non-decreasing from 0");
+  }
+  expect_size("jobs", a.jobs.size(), 4 * L.job_begin[9]);
+  expect_size("pairs", a.pairs.size(), gpu::kPairTableSize);
+  expect_size("singles", a.singles.size(), kTableSize);
+  expect_size("table", a.table.size(), kTableSize);
+  if (a.perm) expect_size("perm", a.perm->size(), a.rows);
+  const int dev = a.payload.device_id();
+  for (int other : {a.jobs.device_id(), a.records.device_id(), a.pairs.device_id(), a.singles.device_id(),
+                    a.table.device_id()})
+    if (other != dev) throw ValueError("the arrays of one layer are on different GPUs");
+  if ((reinterpret_cast<uintptr_t>(a.jobs.data()) & 15) || (reinterpret_cast<uintptr_t>(a.records.data()) & 7))
+    throw ValueError("jobs must be 16-byte and records 8-byte aligned");
+  L.rows = a.rows;
+  L.cols = a.cols;
+  L.payload = reinterpret_cast<const uint32_t*>(a.payload.data());
+  L.jobs = reinterpret_cast<const uint32_t*>(a.jobs.data());
+  L.records = reinterpret_cast<const uint32_t*>(a.records.data());
+  L.pairs = reinterpret_cast<const uint32_t*>(a.pairs.data());
+  L.singles = reinterpret_cast<const uint16_t*>(a.singles.data());
+  L.table = a.table.data();
+  L.perm = a.perm ? a.perm->data() : nullptr;
+  return L;
+}
+
+#define CVXQ_TILED_ARGS                                                                         \
+  nb::arg("rows"), nb::arg("cols"), nb::arg("payload").noconvert(), nb::arg("jobs").noconvert(), \
+      nb::arg("records").noconvert(), nb::arg("pairs").noconvert(), nb::arg("singles").noconvert(), \
+      nb::arg("table").noconvert(), nb::arg("perm").noconvert().none(), nb::arg("job_begin")
 #endif
 
 }  // namespace
@@ -112,6 +161,42 @@ void bind_cuda(nb::module_& m) {
       },
       CVXQ_LAYER_ARGS, nb::arg("out").noconvert(), nb::arg("stream") = 0,
       "Dense W [out_features, in_features] into `out` (float32 or float16) on the GPU.");
+  m.def(
+      "cuda_tiled_matmul",
+      [](int64_t rows, int64_t cols, Dev1<const int32_t> payload, Dev1<const int32_t> jobs,
+         Dev1<const int32_t> records, Dev1<const int32_t> pairs, Dev1<const int16_t> singles,
+         Dev1<const float> table, std::optional<Dev1<const int32_t>> perm, std::vector<int64_t> job_begin,
+         Dev2<const float> x, Dev2<float> y, uintptr_t stream) {
+        const cuda::DeviceTiled L =
+            device_tiled({rows, cols, payload, jobs, records, pairs, singles, table, perm, job_begin});
+        expect_rows_cols("x", x.shape(0), x.shape(1), (int64_t)x.shape(0), cols);
+        expect_rows_cols("y", y.shape(0), y.shape(1), (int64_t)x.shape(0), rows);
+        if (x.device_id() != payload.device_id() || y.device_id() != payload.device_id())
+          throw ValueError("x, y and the layer must be on the same GPU");
+        nb::gil_scoped_release release;
+        cuda::tiled_matmul(L, x.data(), (int64_t)x.shape(0), y.data(), reinterpret_cast<void*>(stream));
+      },
+      CVXQ_TILED_ARGS, nb::arg("x").noconvert(), nb::arg("y").noconvert(), nb::arg("stream") = 0,
+      "y += W^ x on a layer in the GPU tiling (PackedLayer.gpu_layout arrays on the GPU) with "
+      "tensor cores: float16 products (x * scale, codebook values) summed in float32.");
+  m.def(
+      "cuda_tiled_dequantize",
+      [](int64_t rows, int64_t cols, Dev1<const int32_t> payload, Dev1<const int32_t> jobs,
+         Dev1<const int32_t> records, Dev1<const int32_t> pairs, Dev1<const int16_t> singles,
+         Dev1<const float> table, std::optional<Dev1<const int32_t>> perm, std::vector<int64_t> job_begin,
+         nb::ndarray<nb::ndim<2>, nb::c_contig, nb::device::cuda> out, uintptr_t stream) {
+        const cuda::DeviceTiled L =
+            device_tiled({rows, cols, payload, jobs, records, pairs, singles, table, perm, job_begin});
+        expect_rows_cols("out", out.shape(0), out.shape(1), rows, cols);
+        const auto dt = out.dtype();
+        const bool half = dt.code == (uint8_t)nb::dlpack::dtype_code::Float && dt.bits == 16;
+        if (!half && dt != nb::dtype<float>()) throw ValueError("out must be float32 or float16");
+        if (out.device_id() != payload.device_id()) throw ValueError("out and the layer must be on the same GPU");
+        nb::gil_scoped_release release;
+        cuda::tiled_dequantize(L, out.data(), half, reinterpret_cast<void*>(stream));
+      },
+      CVXQ_TILED_ARGS, nb::arg("out").noconvert(), nb::arg("stream") = 0,
+      "Dense W [rows, cols] (float32 or float16) from a layer in the GPU tiling.");
 #else
   m.def("cuda_available", [] { return false; },
         "False: this build has no CUDA kernels (rebuild with CVXQ_CUDA=ON).");

@@ -18,38 +18,69 @@ KERNEL_MAX_BATCH = 16
 
 
 class CudaPacked:
-    """One packed layer's arrays on a GPU, in the dtypes the CUDA kernels take (same bits:
-    uint32 words as int32, float16 bits as int16). Made from a layer that has passed the
-    host-side validation, which the kernels rely on."""
+    """One packed layer's arrays on a GPU. Layers stored as W (all CVXQ layers) are re-tiled
+    once on the host into the GPU tiling (core/include/cvxq/gpu_layout.hpp: the same index
+    bits, ordered for the tensor-core kernel) and only that is copied; layers stored as W^T
+    (the RTN/GPTQ baselines) keep the packed arrays and the transposed kernels. Made from a
+    layer that has passed the host-side validation, which the kernels rely on."""
 
     def __init__(self, packed: PackedLinear, device):
-        packed.core()  # validates (raises FormatError) before anything reaches the GPU
-        offsets = _core.tile_offsets(packed.rows, packed.cols, packed.group_rows, packed.depth)
+        core = packed.core()  # validates (raises FormatError) before anything reaches the GPU
+        self.device = torch.device(device)
 
         def put(a, dtype):
-            return torch.from_numpy(np.ascontiguousarray(a).reshape(-1).view(dtype)).to(device)
+            return torch.from_numpy(np.ascontiguousarray(a).reshape(-1).view(dtype)).to(self.device)
 
-        self.device = torch.device(device)
-        self.args = dict(
-            rows=packed.rows, cols=packed.cols, group_rows=packed.group_rows, transposed=packed.transposed,
-            depth=put(packed.depth, np.uint8), tile_offset=put(offsets, np.int32),
-            payload=put(packed.payload, np.int32), loc=put(packed.loc, np.int16),
-            scale=put(packed.scale, np.int16), table=put(packed.table, np.float32),
-            perm=None if packed.perm is None else put(packed.perm, np.int32))
+        self.tiled = not packed.transposed
+        if self.tiled:
+            sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+            lay = core.gpu_layout(units_per_job=units_per_job(packed.rows, packed.cols, sms))
+            self.args = dict(
+                rows=packed.rows, cols=packed.cols, payload=put(lay["payload"], np.int32),
+                jobs=put(lay["jobs"], np.int32), records=put(lay["records"], np.int32),
+                pairs=put(lay["pairs"], np.int32), singles=put(lay["singles"], np.int16),
+                table=put(packed.table, np.float32),
+                perm=None if packed.perm is None else put(packed.perm, np.int32),
+                job_begin=list(lay["job_begin"]))
+        else:
+            offsets = _core.tile_offsets(packed.rows, packed.cols, packed.group_rows, packed.depth)
+            self.args = dict(
+                rows=packed.rows, cols=packed.cols, group_rows=packed.group_rows, transposed=True,
+                depth=put(packed.depth, np.uint8), tile_offset=put(offsets, np.int32),
+                payload=put(packed.payload, np.int32), loc=put(packed.loc, np.int16),
+                scale=put(packed.scale, np.int16), table=put(packed.table, np.float32),
+                perm=None if packed.perm is None else put(packed.perm, np.int32))
         self.shape = (packed.out_features, packed.in_features)
+
+    def nbytes(self) -> int:
+        """Bytes this layer holds on the GPU."""
+        return sum(v.numel() * v.element_size() for v in self.args.values() if isinstance(v, torch.Tensor))
 
     def _stream(self) -> int:
         return torch.cuda.current_stream(self.device).cuda_stream
 
     def matmul_(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y += W^ x for float32 x [n, in_features], y [n, out_features] on this GPU."""
-        _core.cuda_matmul(**self.args, x=x, y=y, stream=self._stream())
+        if self.tiled:
+            _core.cuda_tiled_matmul(**self.args, x=x, y=y, stream=self._stream())
+        else:
+            _core.cuda_matmul(**self.args, x=x, y=y, stream=self._stream())
         return y
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         out = torch.empty(self.shape, dtype=dtype, device=self.device)
-        _core.cuda_dequantize(**self.args, out=out, stream=self._stream())
+        if self.tiled:
+            _core.cuda_tiled_dequantize(**self.args, out=out, stream=self._stream())
+        else:
+            _core.cuda_dequantize(**self.args, out=out, stream=self._stream())
         return out
+
+
+def units_per_job(rows: int, cols: int, sms: int) -> int:
+    """Job size for the GPU tiling: about 64 jobs per SM (16 resident warps, 4 jobs each),
+    between 2 and 16 units of 1024 weights."""
+    units = rows * cols / 1024
+    return int(min(16, max(2, round(units / (64 * sms)))))
 
 
 class QuantLinear(torch.nn.Module):

@@ -55,6 +55,31 @@ def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
     return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
+def fp16_bound(p: PackedLinear, x: np.ndarray) -> np.ndarray:
+    """What the tensor-core kernel may differ from the exact product by, element by element:
+    it rounds x * scale and each codebook value to float16 (relative error 2^-11 each, so
+    2^-10 on the product scale * T * x = (w - loc) x) and sums in float32; loc * x is exact
+    up to float32 sums. Plus float16's absolute underflow step on tiny x * scale."""
+    w = p.dequantize().astype(np.float64)
+    cluster = np.arange(p.rows) // p.group_rows
+    loc = np.empty_like(w)
+    loc[p.perm if p.perm is not None else np.arange(p.rows)] = p.loc.view(np.float16).astype(np.float64)[cluster]
+    ax = np.abs(x.astype(np.float64))
+    tmax = float(np.abs(p.table).max())
+    return (2.0 ** -10 * 1.01 * ax @ np.abs(w - loc).T + 1e-5 * ax @ np.abs(w).T
+            + 2.0 ** -24 * tmax * ax.sum(1, keepdims=True) + 1e-30)
+
+
+def check_product(p: PackedLinear, x: np.ndarray, got: np.ndarray, what) -> None:
+    ref = reference(p, x)
+    assert np.isfinite(got).all(), what
+    if p.transposed:  # the float32 kernels of the packed layout
+        assert rel_err(got, ref) < 2e-5, what
+    else:  # the tensor-core kernel of the GPU tiling
+        excess = np.abs(got - ref) / fp16_bound(p, x)
+        assert excess.max() <= 1.0, (what, float(excess.max()))
+
+
 CASES = [  # rows, cols, group_rows, max depth
     (1, 1, 32, 0), (33, 5, 32, 8), (300, 80, 96, 8), (64, 1000, 64, 3), (1000, 33, 256, 8),
     (576, 1536, 64, 8), (1536, 576, 128, 4), (4096, 256, 64, 2),
@@ -77,9 +102,7 @@ def test_cuda_products_match_reference(case, transposed):
             y = torch.from_numpy(y0).cuda()
             gpu.matmul_(torch.from_numpy(x).cuda(), y)
             got = y.cpu().numpy().astype(np.float64) - y0
-            ref = reference(p, x)
-            assert np.isfinite(got).all()
-            assert rel_err(got, ref) < 2e-5, (case, transposed, n)
+            check_product(p, x, got, (case, transposed, n))
 
 
 @needs_gpu
@@ -93,7 +116,7 @@ def test_cuda_dequantize_is_bit_exact(case, transposed):
     cpu = p.dequantize()
     for dtype, want in ((torch.float32, cpu), (torch.float16, cpu.astype(np.float16))):
         out = torch.full(gpu.shape, float("nan"), dtype=dtype, device="cuda")  # every element must be written
-        _core.cuda_dequantize(**gpu.args, out=out)
+        (_core.cuda_tiled_dequantize if gpu.tiled else _core.cuda_dequantize)(**gpu.args, out=out)
         got = out.cpu().numpy()
         assert np.array_equal(got, want), (case, transposed, dtype)
 
@@ -114,14 +137,13 @@ def test_cuda_on_real_default_model_layers():
     rng = np.random.default_rng(0)
     for name, p in layers:
         gpu = CudaPacked(p, "cuda")
-        out = torch.empty(gpu.shape, dtype=torch.float32, device="cuda")
-        _core.cuda_dequantize(**gpu.args, out=out)
-        assert np.array_equal(out.cpu().numpy(), p.dequantize()), name
+        assert np.array_equal(gpu.dequantize().cpu().numpy(), p.dequantize()), name
         for n in (1, 8, 16):
             x = rng.standard_normal((n, p.in_features)).astype(np.float32)
             y = torch.zeros(n, p.out_features, device="cuda")
             gpu.matmul_(torch.from_numpy(x).cuda(), y)
-            assert rel_err(y.cpu().numpy(), reference(p, x)) < 2e-5, (name, n)
+            check_product(p, x, y.cpu().numpy().astype(np.float64), (name, n))
+            assert rel_err(y.cpu().numpy(), reference(p, x)) < 2e-3, (name, n)
             # the CPU kernels agree too
             assert rel_err(p.matmul(x), reference(p, x)) < 2e-5, (name, n)
 
@@ -138,6 +160,6 @@ def test_quant_linear_runs_on_the_gpu_for_small_and_large_batches():
         x = torch.randn(2, n, p.in_features)
         want = reference(p, x.reshape(-1, p.in_features).numpy()) + p.bias
         got = q(x.cuda()).reshape(-1, p.out_features).cpu().numpy()
-        assert rel_err(got, want) < 2e-5, n
+        assert rel_err(got, want) < (2e-3 if n <= 16 else 2e-5), n  # float16 products up to 16 rows
         cpu = q(x).reshape(-1, p.out_features).numpy()
         assert rel_err(cpu, want) < 2e-5, n

@@ -47,5 +47,27 @@ void matmul(const DeviceLayer& layer, bool transposed, const float* x, int64_t n
 void dequantize(const DeviceLayer& layer, bool transposed, void* out, bool half_out,
                 void* stream);
 
+// A layer in the GPU tiling of gpu_layout.hpp (arrays of a GpuLayout copied to the device,
+// plus the layer's float32 table and perm). rows/cols: the stored matrix's shape.
+struct DeviceTiled {
+  int64_t rows = 0, cols = 0;
+  const uint32_t* payload = nullptr;
+  const uint32_t* jobs = nullptr;     // 4 words per job, 16-byte aligned
+  const uint32_t* records = nullptr;  // 2 words per slot, 8-byte aligned
+  const uint32_t* pairs = nullptr;    // gpu::kPairTableSize
+  const uint16_t* singles = nullptr;  // kTableSize float16
+  const float* table = nullptr;       // kTableSize float32 (dequantize)
+  const int32_t* perm = nullptr;      // [rows] or null
+  int64_t job_begin[10] = {};
+};
+
+// y[b, rows] += S x[b, cols] on the tiling with tensor cores: products of float16 inputs
+// (x * scale and the codebook values, each rounded to float16) accumulated in float32,
+// plus loc * x in float32. Any n >= 1 (chunks of 16 vectors).
+void tiled_matmul(const DeviceTiled& layer, const float* x, int64_t n, float* y, void* stream);
+
+// Dense S [rows, cols] (original row order) from the tiling, exactly as dequantize() rounds.
+void tiled_dequantize(const DeviceTiled& layer, void* out, bool half_out, void* stream);
+
 }  // namespace cuda
 }  // namespace cvxq

@@ -112,6 +112,8 @@ def gpu(args):
     l2 = getattr(props, "L2_cache_size", 50 << 20)
     rows = []
     shapes = SHAPES if not args.quick else SHAPES[2:3]
+    if args.shapes:
+        shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes]
     for out_f, in_f in shapes:
         w16_bytes = out_f * in_f * 2
         n_w = max(1, -(-4 * l2 // w16_bytes))
@@ -258,6 +260,7 @@ def main():
     g.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     g.add_argument("--group-rows", type=int, default=128)
     g.add_argument("--quick", action="store_true", help="one shape only")
+    g.add_argument("--shapes", nargs="+", help="OUTxIN shapes instead of the standard set")
     c = sub.add_parser("cpu")
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--model-dir", help="a cvxq-tui output folder for the decode benchmark")

@@ -7,7 +7,7 @@ OUT=${OUT:-/tmp/cvxq-cuda}; mkdir -p "$OUT"
     -DPython_EXECUTABLE="$(command -v python3)" && ninja -C build/gpu; } > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
 export CVXQ_DEV_CORE_DIR=build/gpu/cvxq_tui
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
-$NCU --kernel-name regex:matmul_rows --launch-skip 2 --launch-count 1 \
+$NCU --kernel-name regex:tiled_matmul --launch-skip 2 --launch-count 1 \
   --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
   --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section InstructionStats \
   python3 bench/profile_cuda.py 2>&1 | tee "$OUT/ncu.txt" | grep -v "^==PROF==" | tail -150

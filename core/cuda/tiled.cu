@@ -31,6 +31,8 @@ namespace {
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kWarps = 8;
 constexpr uint32_t kEmpty = 0xffffffffu;
+constexpr int kTableMax = 32768;  // shared bytes of the largest table (depth 4 pairs)
+constexpr int kYBuf = 2048;       // floats of the block's row buffer
 
 void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess)
@@ -139,7 +141,7 @@ __device__ __forceinline__ void load_words(const uint32_t* __restrict__ pw, int 
 
 template <int B, int NS, int NT>
 __device__ void run_job(const TParams& p, uint4 job, const float* __restrict__ x, int nb, float* __restrict__ y,
-                        const char* sm, int lane) {
+                        const char* sm, int lane, float* ybuf, int ybase) {
   constexpr int BPU = B == 0 ? 1 : 4 / NS;
   constexpr int WB = B > 0 ? B : 1;
   const int units = (int)(job.w & 0xffff);
@@ -170,25 +172,22 @@ __device__ void run_job(const TParams& p, uint4 job, const float* __restrict__ x
         const float x0 = cu.xv[bk][nt][0], x1 = cu.xv[bk][nt][1];
         const uint32_t sl0 = cu.r[bk][0].y, sl1 = cu.r[bk][1].y;
         const float xs0 = x0 * h2f(sl0 & 0xffff), xs1 = x1 * h2f(sl1 & 0xffff);
-        bf[nt][0] = e ? pack_h2(0.f, xs0) : pack_h2(xs0, 0.f);
-        bf[nt][1] = e ? pack_h2(0.f, xs1) : pack_h2(xs1, 0.f);
-        if (!e) {
-          if constexpr (B == 0) {  // w = loc + scale * T[0] (T[0] is 0 for the pipeline's codebooks)
-            lsum[nt] = fmaf(x0, h2f(sl0 >> 16) + h2f(sl0 & 0xffff) * t0, lsum[nt]);
-            lsum[nt] = fmaf(x1, h2f(sl1 >> 16) + h2f(sl1 & 0xffff) * t0, lsum[nt]);
-          } else {
-            lsum[nt] = fmaf(x0, h2f(sl0 >> 16), fmaf(x1, h2f(sl1 >> 16), lsum[nt]));
-          }
-        }
+        // Lane parity e puts x * scale in the low (e = 0) or high (e = 1) half: selects,
+        // not branches (the parity differs across the warp).
+        bf[nt][0] = pack_h2(e ? 0.f : xs0, e ? xs0 : 0.f);
+        bf[nt][1] = pack_h2(e ? 0.f : xs1, e ? xs1 : 0.f);
+        const float l0 = B == 0 ? h2f(sl0 >> 16) + h2f(sl0 & 0xffff) * t0 : h2f(sl0 >> 16);  // depth 0: loc + scale * T[0]
+        const float l1 = B == 0 ? h2f(sl1 >> 16) + h2f(sl1 & 0xffff) * t0 : h2f(sl1 >> 16);
+        lsum[nt] = fmaf(e ? 0.f : x0, l0, fmaf(e ? 0.f : x1, l1, lsum[nt]));
       }
       if constexpr (B > 0) {
+        uint32_t a[NS][4];  // all lookups first: NS * 4 shared loads in flight, then the MMAs
 #pragma unroll
-        for (int s = 0; s < NS; ++s) {
-          uint32_t a[4];
-          decode_mma<B>(wc, bk * NS + s, sm, lane4, a);
+        for (int s = 0; s < NS; ++s) decode_mma<B>(wc, bk * NS + s, sm, lane4, a[s]);
 #pragma unroll
-          for (int nt = 0; nt < NT; ++nt) mma16816(acc[s][nt], a, bf[nt][0], bf[nt][1]);
-        }
+        for (int s = 0; s < NS; ++s)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) mma16816(acc[s][nt], a[s], bf[nt][0], bf[nt][1]);
       }
     }
   };
@@ -261,7 +260,9 @@ __device__ void run_job(const TParams& p, uint4 job, const float* __restrict__ x
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int row = row0 + s * 32 + 4 * g + i;
-        if (row < p.rows) {
+        if (ybuf) {  // the block's rows: a shared-memory atomic, flushed once per block
+          atomicAdd(ybuf + (row - ybase) * (4 * NT) + b, acc[s][nt][i] + ls);
+        } else if (row < p.rows) {
           const int orig = p.perm ? __ldg(p.perm + row) : row;
           atomicAdd(y + (int64_t)b * p.rows + orig, acc[s][nt][i] + ls);
         }
@@ -293,13 +294,34 @@ __device__ void run_item(const TParams& p, int j0, int j1, const float* x, int n
     }
     __syncthreads();
   }
+  // Rows of the item's jobs (row0 grows along the job list): when they fit the block's row
+  // buffer, jobs add into it with shared-memory atomics and the block adds each row to y
+  // once; thousands of jobs adding straight into the same rows of y serialised in L2.
+  constexpr int kSpan = kYBuf / (4 * NT);
+  float* ybuf = reinterpret_cast<float*>(sm + kTableMax);
+  const int first = (int)__ldg(p.jobs + j0).z;
+  const uint4 lastj = __ldg(p.jobs + j1 - 1);
+  const int end = min((int)lastj.z + (int)((lastj.w >> 16) & 0xff) * 32, p.rows);
+  const bool use_buf = end - first <= kSpan;
+  if (use_buf) {
+    for (int i = threadIdx.x; i < kYBuf; i += blockDim.x) ybuf[i] = 0.f;
+    __syncthreads();
+  }
   const int lane = threadIdx.x & 31;
   for (int j = j0 + (int)(threadIdx.x >> 5); j < j1; j += kWarps) {
     const uint4 job = __ldg(p.jobs + j);
     switch ((job.w >> 16) & 0xff) {
-      case 4: run_job<B, 4, NT>(p, job, x, nb, y, sm, lane); break;
-      case 2: run_job<B, 2, NT>(p, job, x, nb, y, sm, lane); break;
-      default: run_job<B, 1, NT>(p, job, x, nb, y, sm, lane); break;
+      case 4: run_job<B, 4, NT>(p, job, x, nb, y, sm, lane, use_buf ? ybuf : nullptr, first); break;
+      case 2: run_job<B, 2, NT>(p, job, x, nb, y, sm, lane, use_buf ? ybuf : nullptr, first); break;
+      default: run_job<B, 1, NT>(p, job, x, nb, y, sm, lane, use_buf ? ybuf : nullptr, first); break;
+    }
+  }
+  if (use_buf) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < (end - first) * 4 * NT; i += blockDim.x) {
+      const int row = first + i / (4 * NT), b = i % (4 * NT);
+      const float v = ybuf[i];
+      if (b < nb && v != 0.f) atomicAdd(y + (int64_t)b * p.rows + (p.perm ? __ldg(p.perm + row) : row), v);
     }
   }
 }
@@ -389,28 +411,23 @@ struct Launch {
 
 template <int NT>
 const Launch& launch_info(int smem) {
-  static Launch info[2];  // [smem > 16 KB]
-  static bool done[2] = {false, false};
-  const int k = smem > 16384;
-  if (!done[k]) {
+  static const Launch info = [smem] {
+    Launch li;
     int dev = 0;
     check(cudaGetDevice(&dev), "cudaGetDevice");
-    check(cudaDeviceGetAttribute(&info[k].sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
-    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&info[k].blocks_per_sm, tiled_matmul_kernel<NT>, kWarps * 32,
-                                                        k ? table_bytes(4) : 16384),
+    check(cudaDeviceGetAttribute(&li.sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&li.blocks_per_sm, tiled_matmul_kernel<NT>, kWarps * 32, smem),
           "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-    if (info[k].blocks_per_sm < 1) info[k].blocks_per_sm = 1;
-    done[k] = true;
-  }
-  return info[k];
+    if (li.blocks_per_sm < 1) li.blocks_per_sm = 1;
+    return li;
+  }();
+  return info;
 }
 
 template <int NT>
 void launch_tiled(const DeviceTiled& L, const float* x, int nb, float* y, cudaStream_t st) {
   TParams p = make_tparams(L);
-  int smem = 0;
-  for (int d = 1; d <= 8; ++d)
-    if (p.job_begin[d + 1] > p.job_begin[d]) smem = std::max(smem, table_bytes(d));
+  const int smem = kTableMax + kYBuf * 4;
   const Launch& li = launch_info<NT>(smem);
   const int n_jobs = p.job_begin[9];
   const int resident = li.sms * li.blocks_per_sm;

@@ -77,10 +77,10 @@ class CudaPacked:
 
 
 def units_per_job(rows: int, cols: int, sms: int) -> int:
-    """Job size for the GPU tiling: about 64 jobs per SM (16 resident warps, 4 jobs each),
-    between 2 and 16 units of 1024 weights."""
+    """Job size for the GPU tiling, in units of 1024 weights: about one job per resident warp
+    (16 per SM; each job restarts the warp's load pipeline), between 2 and 32 units."""
     units = rows * cols / 1024
-    return int(min(16, max(2, round(units / (64 * sms)))))
+    return int(min(32, max(2, round(units / (16 * sms)))))
 
 
 class QuantLinear(torch.nn.Module):

@@ -10,4 +10,5 @@ NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
 $NCU --kernel-name regex:tiled_matmul --launch-skip 2 --launch-count 1 \
   --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
   --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section InstructionStats \
+  --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
   python3 bench/profile_cuda.py 2>&1 | tee "$OUT/ncu.txt" | grep -v "^==PROF==" | tail -150

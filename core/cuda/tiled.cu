@@ -32,7 +32,6 @@ constexpr unsigned kFull = 0xffffffffu;
 constexpr int kWarps = 8;
 constexpr uint32_t kEmpty = 0xffffffffu;
 constexpr int kTableMax = 32768;  // shared bytes of the largest table (depth 4 pairs)
-constexpr int kYBuf = 2048;       // floats of the block's row buffer
 
 void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess)
@@ -140,16 +139,14 @@ __device__ __forceinline__ void load_words(const uint32_t* __restrict__ pw, int 
 }
 
 template <int B, int NS, int NT>
-__device__ void run_job(const TParams& p, uint4 job, const float* __restrict__ x, int nb, float* __restrict__ y,
-                        const char* sm, int lane, float* ybuf, int ybase) {
+__device__ void run_rows(const TParams& p, int ja, int jb, const float* __restrict__ x, int nb, float* __restrict__ y,
+                         const char* sm, int lane) {
   constexpr int BPU = B == 0 ? 1 : 4 / NS;
   constexpr int WB = B > 0 ? B : 1;
-  const int units = (int)(job.w & 0xffff);
   const int g = lane >> 2, t = lane & 3, e = g & 1, bq = g >> 1;
   const uint32_t lane4 = (uint32_t)lane << 2;
-  const uint32_t* pw = p.payload + job.x + lane;
-  const uint2* rec = p.records + job.y;
   const float t0 = B == 0 ? __ldg(p.table) : 0.f;
+  const int row0 = (int)__ldg(p.jobs + ja).z;
 
   float acc[NS][NT][4];
 #pragma unroll
@@ -161,6 +158,12 @@ __device__ void run_job(const TParams& p, uint4 job, const float* __restrict__ x
   float lsum[NT];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) lsum[nt] = 0.f;
+
+  for (int jj = ja; jj < jb; ++jj) {  // jobs of the same rows: one accumulator, one flush
+  const uint4 job = __ldg(p.jobs + jj);
+  const int units = (int)(job.w & 0xffff);
+  const uint32_t* pw = p.payload + job.x + lane;
+  const uint2* rec = p.records + job.y;
 
   // The product of one unit from its records, inputs and words.
   auto compute = [&](const Unit<BPU, NT>& cu, const uint32_t (&wc)[WB]) {
@@ -243,13 +246,14 @@ __device__ void run_job(const TParams& p, uint4 job, const float* __restrict__ x
     }
   }
 
-  // loc * x of the job's columns, summed over the lanes of one vector, then added to rows.
+  }  // jobs
+
+  // loc * x of the jobs' columns, summed over the lanes of one vector, then added to rows.
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     lsum[nt] += __shfl_xor_sync(kFull, lsum[nt], 1);
     lsum[nt] += __shfl_xor_sync(kFull, lsum[nt], 2);
   }
-  const int row0 = (int)job.z;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     const float ls = __shfl_sync(kFull, lsum[nt], 8 * t);  // vector t + 4 nt lives on lane 8 t
@@ -260,9 +264,7 @@ __device__ void run_job(const TParams& p, uint4 job, const float* __restrict__ x
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int row = row0 + s * 32 + 4 * g + i;
-        if (ybuf) {  // the block's rows: a shared-memory atomic, flushed once per block
-          atomicAdd(ybuf + (row - ybase) * (4 * NT) + b, acc[s][nt][i] + ls);
-        } else if (row < p.rows) {
+        if (row < p.rows) {
           const int orig = p.perm ? __ldg(p.perm + row) : row;
           atomicAdd(y + (int64_t)b * p.rows + orig, acc[s][nt][i] + ls);
         }
@@ -294,35 +296,22 @@ __device__ void run_item(const TParams& p, int j0, int j1, const float* x, int n
     }
     __syncthreads();
   }
-  // Rows of the item's jobs (row0 grows along the job list): when they fit the block's row
-  // buffer, jobs add into it with shared-memory atomics and the block adds each row to y
-  // once; thousands of jobs adding straight into the same rows of y serialised in L2.
-  constexpr int kSpan = kYBuf / (4 * NT);
-  float* ybuf = reinterpret_cast<float*>(sm + kTableMax);
-  const int first = (int)__ldg(p.jobs + j0).z;
-  const uint4 lastj = __ldg(p.jobs + j1 - 1);
-  const int end = min((int)lastj.z + (int)((lastj.w >> 16) & 0xff) * 32, p.rows);
-  const bool use_buf = end - first <= kSpan;
-  if (use_buf) {
-    for (int i = threadIdx.x; i < kYBuf; i += blockDim.x) ybuf[i] = 0.f;
-    __syncthreads();
-  }
-  const int lane = threadIdx.x & 31;
-  for (int j = j0 + (int)(threadIdx.x >> 5); j < j1; j += kWarps) {
+  // Each warp takes a contiguous share of the item's jobs and runs them in runs of equal
+  // rows (row0 grows along the job list), accumulating a run in registers and adding it to
+  // y once: jobs adding straight into the same rows serialised in L2's atomic units.
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int per = (j1 - j0 + kWarps - 1) / kWarps;
+  const int wa = j0 + warp * per, wb = min(j1, wa + per);
+  for (int j = wa; j < wb;) {
     const uint4 job = __ldg(p.jobs + j);
+    int k = j + 1;
+    while (k < wb && __ldg(p.jobs + k).z == job.z) ++k;
     switch ((job.w >> 16) & 0xff) {
-      case 4: run_job<B, 4, NT>(p, job, x, nb, y, sm, lane, use_buf ? ybuf : nullptr, first); break;
-      case 2: run_job<B, 2, NT>(p, job, x, nb, y, sm, lane, use_buf ? ybuf : nullptr, first); break;
-      default: run_job<B, 1, NT>(p, job, x, nb, y, sm, lane, use_buf ? ybuf : nullptr, first); break;
+      case 4: run_rows<B, 4, NT>(p, j, k, x, nb, y, sm, lane); break;
+      case 2: run_rows<B, 2, NT>(p, j, k, x, nb, y, sm, lane); break;
+      default: run_rows<B, 1, NT>(p, j, k, x, nb, y, sm, lane); break;
     }
-  }
-  if (use_buf) {
-    __syncthreads();
-    for (int i = threadIdx.x; i < (end - first) * 4 * NT; i += blockDim.x) {
-      const int row = first + i / (4 * NT), b = i % (4 * NT);
-      const float v = ybuf[i];
-      if (b < nb && v != 0.f) atomicAdd(y + (int64_t)b * p.rows + (p.perm ? __ldg(p.perm + row) : row), v);
-    }
+    j = k;
   }
 }
 
@@ -427,7 +416,7 @@ const Launch& launch_info(int smem) {
 template <int NT>
 void launch_tiled(const DeviceTiled& L, const float* x, int nb, float* y, cudaStream_t st) {
   TParams p = make_tparams(L);
-  const int smem = kTableMax + kYBuf * 4;
+  const int smem = kTableMax;
   const Launch& li = launch_info<NT>(smem);
   const int n_jobs = p.job_begin[9];
   const int resident = li.sms * li.blocks_per_sm;

@@ -18,7 +18,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <string>
 
 #include "cvxq/cuda.hpp"
@@ -199,36 +198,29 @@ __device__ void run_rows(const TParams& p, int ja, int jb, const float* __restri
   if constexpr (BPU == 1 && NT == 1 && B <= 4) {
     // The common case (128-row groups, one vector): records three units ahead, words two,
     // x one, so each warp keeps about three units of loads in flight.
-    // Two slots, unrolled by two so that no registers are copied from slot to slot.
-    Unit<BPU, NT> s0, s1;
-    uint32_t w0[WB], w1[WB];
+    Unit<BPU, NT> cur, nxt;
+    uint32_t wc[WB], wn[WB];
     uint2 ra[BPU][2];
-    load_recs<BPU>(rec, 0, t, s0.r);
-    load_words<B>(pw, 0, w0);
-    load_x<BPU, NT>(x, p.cols, nb, bq, s0.r, s0.xv);
+    load_recs<BPU>(rec, 0, t, cur.r);
+    load_words<B>(pw, 0, wc);
+    load_x<BPU, NT>(x, p.cols, nb, bq, cur.r, cur.xv);
     if (units > 1) {
-      load_recs<BPU>(rec, 1, t, s1.r);
-      load_words<B>(pw, 1, w1);
+      load_recs<BPU>(rec, 1, t, nxt.r);
+      load_words<B>(pw, 1, wn);
     }
     if (units > 2) load_recs<BPU>(rec, 2, t, ra);
-    for (int u = 0; u < units; u += 2) {
-      if (u + 1 < units) load_x<BPU, NT>(x, p.cols, nb, bq, s1.r, s1.xv);
-      compute(s0, w0);
+    for (int u = 0; u < units; ++u) {
+      if (u + 1 < units) load_x<BPU, NT>(x, p.cols, nb, bq, nxt.r, nxt.xv);
+      compute(cur, wc);
+      cur = nxt;
+#pragma unroll
+      for (int i = 0; i < WB; ++i) wc[i] = wn[i];
       if (u + 2 < units) {
-        s0.r[0][0] = ra[0][0];
-        s0.r[0][1] = ra[0][1];
-        load_words<B>(pw, u + 2, w0);
+        nxt.r[0][0] = ra[0][0];
+        nxt.r[0][1] = ra[0][1];
+        load_words<B>(pw, u + 2, wn);
       }
       if (u + 3 < units) load_recs<BPU>(rec, u + 3, t, ra);
-      if (u + 1 >= units) break;
-      if (u + 2 < units) load_x<BPU, NT>(x, p.cols, nb, bq, s0.r, s0.xv);
-      compute(s1, w1);
-      if (u + 3 < units) {
-        s1.r[0][0] = ra[0][0];
-        s1.r[0][1] = ra[0][1];
-        load_words<B>(pw, u + 3, w1);
-      }
-      if (u + 4 < units) load_recs<BPU>(rec, u + 4, t, ra);
     }
   } else {
     // Everything else: the next unit's words and records load while this one computes.
@@ -323,8 +315,8 @@ __device__ void run_item(const TParams& p, int j0, int j1, const float* x, int n
   }
 }
 
-template <int NT, int MINB>
-__global__ void __launch_bounds__(kWarps * 32, MINB) tiled_matmul_kernel(TParams p, const float* __restrict__ x, int nb,
+template <int NT>
+__global__ void __launch_bounds__(kWarps * 32, 2) tiled_matmul_kernel(TParams p, const float* __restrict__ x, int nb,
                                                                     float* __restrict__ y) {
   extern __shared__ __align__(16) char sm[];
   int d = 0;
@@ -406,14 +398,14 @@ struct Launch {
   int blocks_per_sm = 1, sms = 1;
 };
 
-template <int NT, int MINB>
+template <int NT>
 const Launch& launch_info(int smem) {
   static const Launch info = [smem] {
     Launch li;
     int dev = 0;
     check(cudaGetDevice(&dev), "cudaGetDevice");
     check(cudaDeviceGetAttribute(&li.sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
-    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&li.blocks_per_sm, tiled_matmul_kernel<NT, MINB>, kWarps * 32, smem),
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&li.blocks_per_sm, tiled_matmul_kernel<NT>, kWarps * 32, smem),
           "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
     if (li.blocks_per_sm < 1) li.blocks_per_sm = 1;
     return li;
@@ -421,11 +413,11 @@ const Launch& launch_info(int smem) {
   return info;
 }
 
-template <int NT, int MINB>
+template <int NT>
 void launch_tiled(const DeviceTiled& L, const float* x, int nb, float* y, cudaStream_t st) {
   TParams p = make_tparams(L);
   const int smem = kTableMax;
-  const Launch& li = launch_info<NT, MINB>(smem);
+  const Launch& li = launch_info<NT>(smem);
   const int n_jobs = p.job_begin[9];
   const int resident = li.sms * li.blocks_per_sm;
   int per = (n_jobs + 2 * resident - 1) / (2 * resident);
@@ -437,7 +429,7 @@ void launch_tiled(const DeviceTiled& L, const float* x, int nb, float* y, cudaSt
     p.item_end[d] = blocks;
   }
   if (blocks == 0) return;
-  tiled_matmul_kernel<NT, MINB><<<blocks, kWarps * 32, smem, st>>>(p, x, nb, y);
+  tiled_matmul_kernel<NT><<<blocks, kWarps * 32, smem, st>>>(p, x, nb, y);
   check(cudaGetLastError(), "tiled matmul kernel launch");
 }
 
@@ -449,12 +441,9 @@ void tiled_matmul(const DeviceTiled& L, const float* x, int64_t n, float* y, voi
     const int nb = (int)std::min<int64_t>(16, n - b0);
     const float* xb = x + b0 * L.cols;
     float* yb = y + b0 * L.rows;
-    static const bool three = [] { const char* e = std::getenv("CVXQ_TILED_MINB"); return e && e[0] == '3'; }();
-    if (nb <= 4) {
-      if (three) launch_tiled<1, 3>(L, xb, nb, yb, st);
-      else launch_tiled<1, 2>(L, xb, nb, yb, st);
-    } else if (nb <= 8) launch_tiled<2, 2>(L, xb, nb, yb, st);
-    else launch_tiled<4, 2>(L, xb, nb, yb, st);
+    if (nb <= 4) launch_tiled<1>(L, xb, nb, yb, st);
+    else if (nb <= 8) launch_tiled<2>(L, xb, nb, yb, st);
+    else launch_tiled<4>(L, xb, nb, yb, st);
   }
 }
 

@@ -1,4 +1,7 @@
-// CUDA products and dequantization straight from the packed layout (format.hpp).
+// CUDA products and dequantization straight from the packed layout (format.hpp), float32
+// throughout. The runtime uses them for layers stored as W^T (the RTN/GPTQ baselines); layers
+// stored as W run on the GPU tiling instead (tiled.cu, gpu_layout.hpp), which is about twice
+// as fast as these on large layers.
 //
 // Work decomposition. A warp job is (cluster c, 32-row slice s, row pass q, chunk of column
 // tiles). Lane l owns column j = 32 t + l of each tile t of the chunk: it finds its group's

@@ -27,6 +27,7 @@
 
 #include <string>
 
+#include "common.cuh"
 #include "cvxq/cuda.hpp"
 
 namespace cvxq {
@@ -34,15 +35,9 @@ namespace cuda {
 
 namespace {
 
-constexpr unsigned kFull = 0xffffffffu;
 constexpr int kWarps = 8;  // warps per block
 constexpr int kMaxBatch = 16;
 
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess)
-    throw DeviceError(std::string(what) + ": " + cudaGetErrorName(e) + " (" +
-                      cudaGetErrorString(e) + ")");
-}
 
 struct Params {
   int64_t rows, cols, rows_pad;

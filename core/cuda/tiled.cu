@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <string>
 
+#include "common.cuh"
 #include "cvxq/cuda.hpp"
 #include "cvxq/gpu_layout.hpp"
 
@@ -28,15 +29,10 @@ namespace cuda {
 
 namespace {
 
-constexpr unsigned kFull = 0xffffffffu;
 constexpr int kWarps = 8;
 constexpr uint32_t kEmpty = 0xffffffffu;
 constexpr int kTableMax = 32768;  // shared bytes of the largest table (depth 4 pairs)
 
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess)
-    throw DeviceError(std::string(what) + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")");
-}
 
 struct TParams {
   const uint32_t* payload;

@@ -136,7 +136,8 @@ void bind_cuda(nb::module_& m) {
                      reinterpret_cast<void*>(stream));
       },
       CVXQ_LAYER_ARGS, nb::arg("x").noconvert(), nb::arg("y").noconvert(), nb::arg("stream") = 0,
-      "y += W^ x for float32 x [n, in_features] and y [n, out_features] on the GPU, "
+      "y += W^ x for a layer stored as W^T (transposed=True; layers stored as W use "
+      "cuda_tiled_matmul): float32 x [n, in_features] and y [n, out_features] on the GPU, "
       "decoding the packed layer on the fly (no dense copy of W). Asynchronous on `stream` "
       "(a cudaStream_t as an int, e.g. torch.cuda.current_stream().cuda_stream).");
   m.def(

@@ -1,7 +1,7 @@
 // CUDA products and dequantization straight from the packed layout (format.hpp), float32
-// throughout. The runtime uses them for layers stored as W^T (the RTN/GPTQ baselines); layers
-// stored as W run on the GPU tiling instead (tiled.cu, gpu_layout.hpp), which is about twice
-// as fast as these on large layers.
+// throughout: the product y = S^T x for layers stored as W^T (the RTN/GPTQ baselines) and
+// the dequantizer of any packed layer. Layers stored as W multiply on the GPU tiling instead
+// (tiled.cu, gpu_layout.hpp).
 //
 // Work decomposition. A warp job is (cluster c, 32-row slice s, row pass q, chunk of column
 // tiles). Lane l owns column j = 32 t + l of each tile t of the chunk: it finds its group's
@@ -14,13 +14,9 @@
 // is spread to one bit per byte with one multiply and a mask; OR-ing the planes' spreads
 // shifted by p gives 4 rows' indices as 4 bytes, each then one byte extract (PRMT), one
 // shared-memory read of the codebook and one FMA per vector. The plane count is a template
-// argument picked by a warp-uniform switch on the tile's deepest group. Loads run two
-// tiles ahead of decoding (depths/offsets, then plane words) to keep memory busy.
+// argument picked by a warp-uniform switch on the tile's deepest group.
 //
-// Not transposed (y = S x): each lane accumulates its rows across all its columns; at the
-// end of the job the warp reduces the 32 x NB partial sums across lanes (a transpose-reduce
-// of 31 shuffles per 32 values) and adds them to y with atomics (one per row and vector).
-// Transposed (y = S^T x): the slice's 32 inputs sit in shared memory, each lane dots its
+// Product (y = S^T x): the slice's 32 inputs sit in shared memory, each lane dots its
 // column's 32 decoded weights with them and adds one value per tile and vector to y.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -127,31 +123,6 @@ __device__ __forceinline__ void spread8(const uint32_t (&w)[8], int chunk, uint3
 
 __device__ __forceinline__ uint32_t byte_of(uint32_t v, int i) { return __byte_perm(v, 0, 0x4440 + i); }
 
-// Transpose-reduce of V = 32 * (V / 32) values per lane over the warp: afterwards lane l
-// holds in acc[i] (i < V / 32) the warp's sum of value l * (V / 32) + i. Step OFF halves
-// the values each lane holds: lanes with bit OFF set keep the upper half. Templates keep
-// every index a compile-time constant, so acc stays in registers.
-template <int N, int OFF, int V>
-__device__ __forceinline__ void reduce_step(float (&acc)[V], int lane) {
-  if constexpr (OFF >= 1) {
-    constexpr int h = N / 2;
-    const bool up = (lane & OFF) != 0;
-#pragma unroll
-    for (int i = 0; i < h; ++i) {
-      const float send = up ? acc[i] : acc[i + h];
-      const float keep = up ? acc[i + h] : acc[i];
-      acc[i] = keep + __shfl_xor_sync(kFull, send, OFF);
-    }
-    reduce_step<h, OFF / 2, V>(acc, lane);
-  }
-}
-
-template <int V>
-__device__ __forceinline__ void transpose_reduce(float (&acc)[V], int lane) {
-  static_assert(V % 32 == 0, "transpose_reduce needs a multiple of 32 values");
-  reduce_step<V, 16, V>(acc, lane);
-}
-
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int off = 16; off >= 1; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
@@ -238,99 +209,6 @@ __device__ __forceinline__ void load_tile(const Params& p, int c, int t, int s, 
   TileRaw<1> raw;
   fetch_raw<1>(p, nullptr, 0, c, t, lane, raw);
   resolve<1>(p, raw, s, slices, lane, tile);
-}
-
-// acc[row * NB + b] += a[b] * T_B[k(row)] for the ROWS rows of pass q of a decoded tile.
-template <int MAXB, int NB, int ROWS>
-__device__ __forceinline__ void decode_rows(const Shared& sh, const TileIn<NB>& cur, const float (&a)[NB], int q,
-                                            float (&acc)[ROWS * NB]) {
-  const float* tb = sh.table + ((1 << cur.B) - 1);
-#pragma unroll
-  for (int ch = 0; ch < ROWS / 8; ++ch) {
-    uint32_t lo, hi;
-    spread8<MAXB>(cur.w, ROWS == 32 ? ch : q * (ROWS / 8) + ch, lo, hi);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const float v = tb[byte_of(i < 4 ? lo : hi, i & 3)];
-#pragma unroll
-      for (int b = 0; b < NB; ++b) acc[(ch * 8 + i) * NB + b] = fmaf(a[b], v, acc[(ch * 8 + i) * NB + b]);
-    }
-  }
-}
-
-// y[b, rows] += S x[b, cols] for b < nb <= NB; each job covers ROWS rows of a slice.
-template <int NB, int ROWS>
-__global__ void __launch_bounds__(kWarps * 32)
-matmul_rows_kernel(Params p, const float* __restrict__ x, int nb, float* __restrict__ y) {
-  __shared__ Shared sh;
-  load_shared(sh, p.table);
-  const int lane = threadIdx.x & 31;
-  const int64_t warps = (int64_t)gridDim.x * kWarps;
-  for (int64_t job = (int64_t)blockIdx.x * kWarps + (threadIdx.x >> 5); job < p.n_jobs; job += warps) {
-    JobPos jp;
-    if (!locate_job(p, job, jp)) continue;
-    const int c = jp.c, s = jp.s, q = jp.q, slices = jp.slices;
-
-    float acc[ROWS * NB];
-#pragma unroll
-    for (int i = 0; i < ROWS * NB; ++i) acc[i] = 0.f;
-    float lsum[NB];
-#pragma unroll
-    for (int b = 0; b < NB; ++b) lsum[b] = 0.f;
-
-    const int t_begin = jp.t_begin, t_end = jp.t_end;
-    // Three stages: raw loads of tile t + 2, prefix sum and plane loads of tile t + 1,
-    // decoding of tile t.
-    TileRaw<NB> raw;
-    TileIn<NB> cur, nxt;
-    fetch_raw<NB>(p, x, nb, c, t_begin, lane, raw);
-    resolve<NB>(p, raw, s, slices, lane, cur);
-    fetch_raw<NB>(p, x, nb, c, t_begin + 1, lane, raw);
-    for (int t = t_begin; t < t_end; ++t) {
-      if (t + 1 < t_end) {
-        resolve<NB>(p, raw, s, slices, lane, nxt);
-        if (t + 2 < t_end) fetch_raw<NB>(p, x, nb, c, t + 2, lane, raw);
-      }
-      float a[NB];
-#pragma unroll
-      for (int b = 0; b < NB; ++b) {
-        a[b] = cur.xv[b] * cur.sc;
-        lsum[b] += cur.xv[b] * cur.lc;
-      }
-      // The plane count is a template argument (a warp-uniform switch), so no instruction
-      // is issued for planes above the tile's deepest group.
-      switch (cur.maxB) {
-        case 0: decode_rows<0, NB, ROWS>(sh, cur, a, q, acc); break;
-        case 1: decode_rows<1, NB, ROWS>(sh, cur, a, q, acc); break;
-        case 2: decode_rows<2, NB, ROWS>(sh, cur, a, q, acc); break;
-        case 3: decode_rows<3, NB, ROWS>(sh, cur, a, q, acc); break;
-        case 4: decode_rows<4, NB, ROWS>(sh, cur, a, q, acc); break;
-        case 5: decode_rows<5, NB, ROWS>(sh, cur, a, q, acc); break;
-        case 6: decode_rows<6, NB, ROWS>(sh, cur, a, q, acc); break;
-        case 7: decode_rows<7, NB, ROWS>(sh, cur, a, q, acc); break;
-        default: decode_rows<8, NB, ROWS>(sh, cur, a, q, acc); break;
-      }
-      cur = nxt;
-    }
-#pragma unroll
-    for (int b = 0; b < NB; ++b) lsum[b] = warp_sum(lsum[b]);
-    transpose_reduce<ROWS * NB>(acc, lane);
-    constexpr int kPer = ROWS * NB / 32;
-#pragma unroll
-    for (int i = 0; i < kPer; ++i) {
-      const int idx = lane * kPer + i;
-      const int row_in = idx / NB, b = idx % NB;
-      const int64_t row = (int64_t)c * p.group_rows + (int64_t)s * kSliceRows + q * ROWS + row_in;
-      if (row < p.rows && b < nb) {
-        const int64_t orig = p.perm ? (int64_t)p.perm[row] : row;
-        // lsum[b] is the same on every lane; pick it with a compile-time index.
-        float l = 0.f;
-#pragma unroll
-        for (int bb = 0; bb < NB; ++bb) if (bb == b) l = lsum[bb];
-        atomicAdd(y + (int64_t)b * p.rows + orig, acc[i] + l);
-      }
-    }
-  }
 }
 
 // y[b, cols] += S^T x[b, rows] for b < nb <= NB.
@@ -454,11 +332,6 @@ void launch(const DeviceLayer& L, int passes, cudaStream_t st, const char* what,
   check(cudaGetLastError(), what);
 }
 
-template <int NB, int ROWS>
-void launch_rows(const DeviceLayer& L, const float* x, int nb, float* y, cudaStream_t st) {
-  launch<matmul_rows_kernel<NB, ROWS>>(L, 32 / ROWS, st, "matmul kernel launch", x, nb, y);
-}
-
 template <int NB>
 void launch_cols(const DeviceLayer& L, const float* x, int nb, float* y, cudaStream_t st) {
   launch<matmul_cols_kernel<NB>>(L, 1, st, "matmul (transposed) kernel launch", x, nb, y);
@@ -476,6 +349,9 @@ bool available() {
 }
 
 void matmul(const DeviceLayer& L, bool transposed, const float* x, int64_t n, float* y, void* stream) {
+  if (!transposed)
+    throw DeviceError("cuda::matmul takes layers stored as W^T; layers stored as W run on the GPU tiling "
+                      "(gpu::build_layout, then tiled_matmul)");
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const int64_t in = transposed ? L.geom.rows : L.geom.cols;
   const int64_t out = transposed ? L.geom.cols : L.geom.rows;
@@ -483,19 +359,11 @@ void matmul(const DeviceLayer& L, bool transposed, const float* x, int64_t n, fl
     const int nb = (int)(n - b0 < kMaxBatch ? n - b0 : kMaxBatch);
     const float* xb = x + b0 * in;
     float* yb = y + b0 * out;
-    if (!transposed) {
-      if (nb == 1) launch_rows<1, 32>(L, xb, nb, yb, st);
-      else if (nb == 2) launch_rows<2, 32>(L, xb, nb, yb, st);
-      else if (nb <= 4) launch_rows<4, 32>(L, xb, nb, yb, st);
-      else if (nb <= 8) launch_rows<8, 16>(L, xb, nb, yb, st);
-      else launch_rows<16, 8>(L, xb, nb, yb, st);
-    } else {
-      if (nb == 1) launch_cols<1>(L, xb, nb, yb, st);
-      else if (nb == 2) launch_cols<2>(L, xb, nb, yb, st);
-      else if (nb <= 4) launch_cols<4>(L, xb, nb, yb, st);
-      else if (nb <= 8) launch_cols<8>(L, xb, nb, yb, st);
-      else launch_cols<16>(L, xb, nb, yb, st);
-    }
+    if (nb == 1) launch_cols<1>(L, xb, nb, yb, st);
+    else if (nb == 2) launch_cols<2>(L, xb, nb, yb, st);
+    else if (nb <= 4) launch_cols<4>(L, xb, nb, yb, st);
+    else if (nb <= 8) launch_cols<8>(L, xb, nb, yb, st);
+    else launch_cols<16>(L, xb, nb, yb, st);
   }
 }
 

@@ -34,8 +34,8 @@ bool available();
 // Products of the stored matrix S [rows, cols] (original row order, i.e. after perm) with a
 // batch of n vectors, accumulated into y (which the caller initialises, e.g. to zero or to
 // the bias):
-//   transposed == false:  y[b, rows] += S x[b, cols]        (layers stored as W)
-//   transposed == true:   y[b, cols] += S^T x[b, rows]      (layers stored as W^T)
+//   y[b, cols] += S^T x[b, rows]      (layers stored as W^T; transposed must be true --
+//   layers stored as W use tiled_matmul on the GPU tiling, and false throws DeviceError)
 // x and y are float32, row-major, contiguous. Any n >= 1 (done in chunks of 16 vectors,
 // each chunk decoding the weights once). Runs on `stream` (a cudaStream_t; null = default).
 void matmul(const DeviceLayer& layer, bool transposed, const float* x, int64_t n, float* y,

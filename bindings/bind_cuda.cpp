@@ -70,19 +70,19 @@ struct TiledArgs {
   Dev1<const int16_t> singles;
   Dev1<const float> table;
   std::optional<Dev1<const int32_t>> perm;
-  std::vector<int64_t> job_begin;
+  std::vector<int64_t> seg_begin;
 };
 
 cuda::DeviceTiled device_tiled(const TiledArgs& a) {
   cuda::DeviceTiled L;
   if (a.rows < 1 || a.cols < 1) throw ValueError("rows and cols must be >= 1");
-  if (a.job_begin.size() != 10) throw ValueError("job_begin must hold 10 entries");
-  for (int i = 0; i < 10; ++i) {
-    L.job_begin[i] = a.job_begin[(size_t)i];
-    if (L.job_begin[i] < 0 || (i && L.job_begin[i] < L.job_begin[i - 1]))
-      throw ValueError("job_begin must be non-decreasing from 0");
+  if (a.seg_begin.size() != 28) throw ValueError("seg_begin must hold 28 entries");
+  for (int i = 0; i < 28; ++i) {
+    L.seg_begin[i] = a.seg_begin[(size_t)i];
+    if (L.seg_begin[i] < 0 || (i && L.seg_begin[i] < L.seg_begin[i - 1]))
+      throw ValueError("seg_begin must be non-decreasing from 0");
   }
-  expect_size("jobs", a.jobs.size(), 4 * L.job_begin[9]);
+  expect_size("jobs", a.jobs.size(), 4 * L.seg_begin[27]);
   expect_size("pairs", a.pairs.size(), gpu::kPairTableSize);
   expect_size("singles", a.singles.size(), kTableSize);
   expect_size("table", a.table.size(), kTableSize);
@@ -108,7 +108,7 @@ cuda::DeviceTiled device_tiled(const TiledArgs& a) {
 #define CVXQ_TILED_ARGS                                                                         \
   nb::arg("rows"), nb::arg("cols"), nb::arg("payload").noconvert(), nb::arg("jobs").noconvert(), \
       nb::arg("records").noconvert(), nb::arg("pairs").noconvert(), nb::arg("singles").noconvert(), \
-      nb::arg("table").noconvert(), nb::arg("perm").noconvert().none(), nb::arg("job_begin")
+      nb::arg("table").noconvert(), nb::arg("perm").noconvert().none(), nb::arg("seg_begin")
 #endif
 
 }  // namespace
@@ -166,10 +166,10 @@ void bind_cuda(nb::module_& m) {
       "cuda_tiled_matmul",
       [](int64_t rows, int64_t cols, Dev1<const int32_t> payload, Dev1<const int32_t> jobs,
          Dev1<const int32_t> records, Dev1<const int32_t> pairs, Dev1<const int16_t> singles,
-         Dev1<const float> table, std::optional<Dev1<const int32_t>> perm, std::vector<int64_t> job_begin,
+         Dev1<const float> table, std::optional<Dev1<const int32_t>> perm, std::vector<int64_t> seg_begin,
          Dev2<const float> x, Dev2<float> y, uintptr_t stream) {
         const cuda::DeviceTiled L =
-            device_tiled({rows, cols, payload, jobs, records, pairs, singles, table, perm, job_begin});
+            device_tiled({rows, cols, payload, jobs, records, pairs, singles, table, perm, seg_begin});
         expect_rows_cols("x", x.shape(0), x.shape(1), (int64_t)x.shape(0), cols);
         expect_rows_cols("y", y.shape(0), y.shape(1), (int64_t)x.shape(0), rows);
         if (x.device_id() != payload.device_id() || y.device_id() != payload.device_id())
@@ -184,10 +184,10 @@ void bind_cuda(nb::module_& m) {
       "cuda_tiled_dequantize",
       [](int64_t rows, int64_t cols, Dev1<const int32_t> payload, Dev1<const int32_t> jobs,
          Dev1<const int32_t> records, Dev1<const int32_t> pairs, Dev1<const int16_t> singles,
-         Dev1<const float> table, std::optional<Dev1<const int32_t>> perm, std::vector<int64_t> job_begin,
+         Dev1<const float> table, std::optional<Dev1<const int32_t>> perm, std::vector<int64_t> seg_begin,
          nb::ndarray<nb::ndim<2>, nb::c_contig, nb::device::cuda> out, uintptr_t stream) {
         const cuda::DeviceTiled L =
-            device_tiled({rows, cols, payload, jobs, records, pairs, singles, table, perm, job_begin});
+            device_tiled({rows, cols, payload, jobs, records, pairs, singles, table, perm, seg_begin});
         expect_rows_cols("out", out.shape(0), out.shape(1), rows, cols);
         const auto dt = out.dtype();
         const bool half = dt.code == (uint8_t)nb::dlpack::dtype_code::Float && dt.bits == 16;

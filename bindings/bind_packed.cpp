@@ -68,6 +68,9 @@ nb::dict layout_dict(const gpu::GpuLayout& L) {
   nb::list jb;
   for (int i = 0; i < 10; ++i) jb.append(L.job_begin[i]);
   d["job_begin"] = jb;
+  nb::list sb;
+  for (int i = 0; i < 28; ++i) sb.append(L.seg_begin[i]);
+  d["seg_begin"] = sb;
   return d;
 }
 
@@ -314,7 +317,8 @@ void bind_packed(nb::module_& m) {
            "Dense float32[rows, cols] in original row order (written into out if given).")
       .def("gpu_layout", &PackedLayer::gpu_layout, nb::kw_only(), nb::arg("units_per_job") = 8,
            "The GPU tiling of this layer (core/include/cvxq/gpu_layout.hpp) as a dict of "
-           "numpy arrays: payload, jobs, records, pairs, singles, and job_begin (a list).")
+           "numpy arrays: payload, jobs, records, pairs, singles, job_begin (10 depth boundaries) "
+           "and seg_begin (28 boundaries of the (depth, NS) segments), as lists.")
       .def("matmul", &PackedLayer::matmul, nb::arg("x").noconvert(), nb::kw_only(),
            nb::arg("reference") = false, CVXQ_CONTROL_ARGS,
            "W^ x for x float32[cols] or [batch, cols] -> [rows] or [batch, rows].");

@@ -41,7 +41,7 @@ class CudaPacked:
                 pairs=put(lay["pairs"], np.int32), singles=put(lay["singles"], np.int16),
                 table=put(packed.table, np.float32),
                 perm=None if packed.perm is None else put(packed.perm, np.int32),
-                job_begin=list(lay["job_begin"]))
+                seg_begin=list(lay["seg_begin"]))
         else:
             offsets = _core.tile_offsets(packed.rows, packed.cols, packed.group_rows, packed.depth)
             self.args = dict(
@@ -77,10 +77,10 @@ class CudaPacked:
 
 
 def units_per_job(rows: int, cols: int, sms: int) -> int:
-    """Job size for the GPU tiling, in units of 1024 weights: about one job per resident warp
-    (16 per SM; each job restarts the warp's load pipeline), between 2 and 32 units."""
-    units = rows * cols / 1024
-    return int(min(32, max(2, round(units / (16 * sms)))))
+    """Job size for the GPU tiling, in units of 1024 weights. Small jobs (one batch of the
+    decode path) let the kernel give every warp an even share of a layer in one wave; a
+    warp streams consecutive jobs of the same rows as one run, so small jobs cost no restarts."""
+    return 4
 
 
 class QuantLinear(torch.nn.Module):

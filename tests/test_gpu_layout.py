@@ -43,9 +43,25 @@ def test_tiling_shape_and_sizes():
         assert (depth_of[begin[d]:begin[d + 1]] == d).all()
     units, ns = jobs[:, 3] & 0xFFFF, (jobs[:, 3] >> 16) & 0xFF
     assert set(ns.tolist()) <= {1, 2, 4} and (units >= 1).all() and (units <= 4).all()
-    # payload: every unit of depth B is 32 B words, packed back to back from offset 0
+    # payload: every unit of depth B is 32 B words, packed back to back from offset 0, then
+    # 2048 zero words that the kernel may read past a run's end (7 units of depth 8)
     assert (jobs[:, 0] % 32 == 0).all()
-    assert lay["payload"].size == int((units * 32 * depth_of).sum())
+    assert lay["payload"].size == int((units * 32 * depth_of).sum()) + 2048
+    assert not lay["payload"][-2048:].any()
+    # runs of jobs with the same rows are contiguous in payload and records
+    for a, b in zip(jobs[:-1], jobs[1:]):
+        if a[2] == b[2]:
+            assert b[0] == a[0] + 32 * (a[3] >> 24) * (a[3] & 0xFFFF)
+            bpu = 1 if (a[3] >> 24) == 0 else 4 // ((a[3] >> 16) & 0xFF)
+            assert b[1] == a[1] + 8 * bpu * (a[3] & 0xFFFF)
+    # segments: by depth, then by NS 4, 2, 1
+    seg = lay["seg_begin"]
+    assert len(seg) == 28 and seg[0] == 0 and seg[27] == len(jobs)
+    for s in range(27):
+        d, ns = s // 3, 4 >> (s % 3)
+        part = jobs[seg[s]:seg[s + 1]]
+        assert ((part[:, 3] >> 24) == d).all() and (((part[:, 3] >> 16) & 0xFF) == ns).all()
+    assert [seg[3 * d] for d in range(9)] + [seg[27]] == list(begin)
     # the same bits as the packed payload, up to columns padded to whole blocks
     assert layer["payload"].size <= lay["payload"].size <= 1.5 * layer["payload"].size
     assert lay["pairs"].size == 340 and lay["singles"].size == _core.TABLE_SIZE
@@ -64,5 +80,6 @@ def test_tiling_of_a_real_layer_shape_is_close_to_the_packed_size():
     rng = np.random.default_rng(1)
     layer, _ = random_layer(rows, cols, group_rows, seed=3, max_depth=4)
     lay = _core.PackedLayer(**layer).gpu_layout()
-    # columns are padded to blocks of 8 per (cluster, depth): a few percent more words
-    assert lay["payload"].size <= 1.06 * layer["payload"].size
+    # columns are padded to blocks of 8 per (cluster, depth): a few percent more words, plus
+    # the fixed 2048-word tail
+    assert lay["payload"].size - 2048 <= 1.06 * layer["payload"].size

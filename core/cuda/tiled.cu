@@ -43,9 +43,9 @@ struct TParams {
   const float* table;
   const int32_t* perm;
   int rows, cols;
-  int job_begin[10];
-  int item_jobs;
-  int item_end[9];  // blocks [item_end[d - 1], item_end[d]) run depth d
+  int seg_begin[28];  // GpuLayout::seg_begin: segment 3 d + i holds depth d, NS = 4 >> i
+  int item_jobs[27];  // jobs per block in segment s
+  int item_end[27];   // blocks [item_end[s - 1], item_end[s]) run segment s
 };
 
 __host__ __device__ constexpr int table_bytes(int B) {
@@ -76,6 +76,21 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// (v & mask) | c in one LOP3 (the compiler otherwise re-masks c in a second one).
+__device__ __forceinline__ uint32_t and_or(uint32_t v, uint32_t mask, uint32_t c) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(v), "r"(mask), "r"(c));
+  return r;
+}
+
+// Bits [P, P + W) of the lane's stream w moved to bit S, not masked.
+template <int B>
+__device__ __forceinline__ uint32_t shifted(const uint32_t (&w)[B], int P, int W, int S) {
+  const int q = P >> 5, r = P & 31;
+  if (r + W <= 32) return r >= S ? w[q] >> (r - S) : w[q] << (S - r);
+  return __funnelshift_r(w[q], w[q + 1], r - S);
+}
+
 // The 4 A registers of MMA m of a unit: pair f at bit 2B (4m + f).
 template <int B>
 __device__ __forceinline__ void decode_mma(const uint32_t (&w)[B], int m, const char* sm, uint32_t lane4,
@@ -84,7 +99,7 @@ __device__ __forceinline__ void decode_mma(const uint32_t (&w)[B], int m, const 
   for (int f = 0; f < 4; ++f) {
     const int P = 2 * B * (4 * m + f);
     if constexpr (B <= gpu::kPairDepths) {
-      const uint32_t addr = field<B>(w, P, 2 * B, 7) | lane4;
+      const uint32_t addr = and_or(shifted<B>(w, P, 2 * B, 7), ((1u << (2 * B)) - 1) << 7, lane4);
       a[f] = *reinterpret_cast<const uint32_t*>(sm + addr);
     } else {
       const uint32_t lane2 = lane4 >> 1;
@@ -93,6 +108,20 @@ __device__ __forceinline__ void decode_mma(const uint32_t (&w)[B], int m, const 
       const uint32_t h1 = *reinterpret_cast<const uint16_t*>(sm + a1);
       a[f] = __byte_perm(h0, h1, 0x5410);
     }
+  }
+}
+
+// decode_mma for depths 1..4 with the table at shared-window address smb: an explicit
+// shared load of smb + address, which the compiler folds into the load's uniform base.
+template <int B>
+__device__ __forceinline__ void decode_pairs(const uint32_t (&w)[B], int m, uint32_t smb, uint32_t lane4,
+                                             uint32_t (&a)[4]) {
+  static_assert(B >= 1 && B <= gpu::kPairDepths, "pair tables only");
+#pragma unroll
+  for (int f = 0; f < 4; ++f) {
+    const int P = 2 * B * (4 * m + f);
+    const uint32_t addr = and_or(shifted<B>(w, P, 2 * B, 7), ((1u << (2 * B)) - 1) << 7, lane4);
+    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(a[f]) : "r"(smb + addr));
   }
 }
 
@@ -268,11 +297,12 @@ __device__ void run_rows(const TParams& p, int ja, int jb, const float* __restri
   }
 }
 
-template <int B, int NT>
-__device__ void run_item(const TParams& p, int j0, int j1, const float* x, int nb, float* y, char* sm) {
+// Shared memory: depth B's table, one copy per lane. All loads first, then the stores: a
+// load-store loop would wait out one L2 latency per entry (measured: ~9 us per block for the
+// 32 KB depth-4 table).
+template <int B>
+__device__ __forceinline__ void fill_table(const TParams& p, char* sm) {
   if constexpr (B > 0) {
-    // All loads first, then the stores: a load-store loop would wait out one L2 latency per
-    // entry (measured: ~9 us per block for the 32 KB depth-4 table).
     constexpr bool pairs = B <= gpu::kPairDepths;
     constexpr int n = table_bytes(B) / (pairs ? 4 : 2);
     constexpr int per = (n + kWarps * 32 - 1) / (kWarps * 32);
@@ -292,46 +322,288 @@ __device__ void run_item(const TParams& p, int j0, int j1, const float* x, int n
     }
     __syncthreads();
   }
-  // Each warp takes a contiguous share of the item's jobs and runs them in runs of equal
-  // rows (row0 grows along the job list), accumulating a run in registers and adding it to
-  // y once: jobs adding straight into the same rows serialised in L2's atomic units.
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int per = (j1 - j0 + kWarps - 1) / kWarps;
-  const int wa = j0 + warp * per, wb = min(j1, wa + per);
-  for (int j = wa; j < wb;) {
-    const uint4 job = __ldg(p.jobs + j);
-    int k = j + 1;
-    while (k < wb && __ldg(p.jobs + k).z == job.z) ++k;
-    switch ((job.w >> 16) & 0xff) {
-      case 4: run_rows<B, 4, NT>(p, j, k, x, nb, y, sm, lane); break;
-      case 2: run_rows<B, 2, NT>(p, j, k, x, nb, y, sm, lane); break;
-      default: run_rows<B, 1, NT>(p, j, k, x, nb, y, sm, lane); break;
+}
+
+// The block's item: jobs [j0, j1) of segment `seg`. Each warp takes a contiguous share of
+// them and runs them in runs of equal rows (row0 grows along the job list), accumulating a
+// run in registers and adding it to y once: jobs adding straight into the same rows
+// serialised in L2's atomic units. f(first job, end job, units of the run) runs one.
+template <class Before, class F>
+__device__ __forceinline__ void for_each_run(const TParams& p, int j0, int j1, Before&& before, F&& f) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int n_item = j1 - j0;
+  const int wa = j0 + n_item * warp / kWarps, wb = j0 + n_item * (warp + 1) / kWarps;
+  // Job records 32 at a time, one per lane in one load (a run longer than that is cut); the
+  // first load is in flight while before() (the table fill) runs.
+  auto load = [&](int c) { return c + lane < wb ? __ldg(p.jobs + c + lane) : make_uint4(0u, 0u, kEmpty, 0u); };
+  uint4 mine = load(wa);
+  before();
+  for (int c = wa; c < wb; c += 32) {
+    if (c > wa) mine = load(c);
+    const int n = min(32, wb - c);
+    const uint32_t prev = __shfl_up_sync(kFull, mine.z, 1);
+    uint32_t starts = __ballot_sync(kFull, lane < n && (lane == 0 || prev != mine.z));
+    while (starts) {
+      const int a = __ffs(starts) - 1;
+      starts &= starts - 1;
+      const int b = starts ? __ffs(starts) - 1 : n;
+      const int units = (int)__reduce_add_sync(kFull, lane >= a && lane < b ? mine.w & 0xffff : 0u);
+      const uint4 job = make_uint4(__shfl_sync(kFull, mine.x, a), __shfl_sync(kFull, mine.y, a),
+                                   __shfl_sync(kFull, mine.z, a), __shfl_sync(kFull, mine.w, a));
+      f(c + a, c + b, job, units);
     }
-    j = k;
   }
 }
 
+// The decode path for up to 8 vectors and 128-row chunks (NS = 4), every depth 1..8: nearly
+// every weight of a CVXQ layer with the default groups. A run of jobs is one stream of units
+// (gpu_layout.hpp: contiguous payload and records). Per batch of 4 units (32 records) each
+// lane loads one record and x at its column and makes x * scale once, in the forms the
+// MMA's B operand takes (vector b in the low or high half: form 2 b + e); the lanes that
+// feed a column read their form from shared memory, instead of every lane loading and
+// converting its two records per unit. Loads run ahead: records two batches, x one batch,
+// payload words D units. Units past the end of the run (up to 3, to
+// finish the last batch) decode whatever words follow (the payload is padded,
+// gpu_layout.hpp) against x * scale = 0 from their missing records, so they add exactly
+// nothing and the loop needs no bounds checks.
+constexpr int kXsStride = 36;  // words per form: forms 4 words apart in banks, no conflicts
+
+// The fast kernel's table lives in static shared memory: its shared address is then a
+// constant, and each lookup is shift, LOP3 and a load at register + immediate.
+__shared__ __align__(128) uint32_t fast_table[kTableMax / 4];
+
+template <int NB>
+constexpr int xs_words() { return 2 * NB * kXsStride; }  // one warp's forms
+
+__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ uint32_t lds16(uint32_t addr) {
+  unsigned short v;
+  asm volatile("ld.shared.u16 %0, [%1];" : "=h"(v) : "r"(addr));
+  return v;
+}
+
+// The 4 A registers of MMA m of a unit from the table at shared address smb (lane4 = lane
+// times 4): pair tables for depths 1..4, two single lookups for deeper ones.
+template <int B>
+__device__ __forceinline__ void decode_fast(const uint32_t (&w)[B], int m, uint32_t smb, uint32_t lane4,
+                                            uint32_t (&a)[4]) {
+#pragma unroll
+  for (int f = 0; f < 4; ++f) {
+    const int P = 2 * B * (4 * m + f);
+    if constexpr (B <= gpu::kPairDepths) {
+      a[f] = lds32(smb + and_or(shifted<B>(w, P, 2 * B, 7), ((1u << (2 * B)) - 1) << 7, lane4));
+    } else {
+      const uint32_t lane2 = lane4 >> 1, mask = ((1u << B) - 1) << 6;
+      const uint32_t h0 = lds16(smb + and_or(shifted<B>(w, P, B, 6), mask, lane2));
+      const uint32_t h1 = lds16(smb + and_or(shifted<B>(w, P + B, B, 6), mask, lane2));
+      a[f] = __byte_perm(h0, h1, 0x5410);
+    }
+  }
+}
+
+template <int B, int NB>
+__device__ void run_fast(const TParams& p, const uint4 job, int U, const float* __restrict__ x, int nb,
+                         float* __restrict__ y, uint32_t* xsb, int lane) {
+  // Payload words load D units ahead. Measured on an H200 (12288 x 49152, 3 bits): D = 4
+  // with 16 warps per SM beat D = 2 with 24 (98.8 against 102.6 us); an L2 prefetch 4 or 8
+  // batches ahead gained nothing (100.4 us without, 114 us at 8).
+  constexpr int D = 4;
+  constexpr int NT = NB > 4 ? 2 : 1;
+  const int g = lane >> 2, t = lane & 3, e = g & 1;
+  // Opaque to the compiler, so that each lookup address stays one LOP3 (field & mask | lane4)
+  // instead of re-deriving lane4's bits in every address.
+  uint32_t lane4;
+  asm("mov.b32 %0, %1;" : "=r"(lane4) : "r"((uint32_t)lane << 2));
+  const uint32_t smb = (uint32_t)__cvta_generic_to_shared(fast_table);
+  const uint32_t* __restrict__ pw = p.payload + job.x + lane;
+  const uint2* __restrict__ rp = p.records + job.y + lane;
+  const int R = 8 * U;
+  const int nq = (U + 3) >> 2;
+  const uint32_t* xs_read[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)  // vector g / 2 + 4 nt; lanes past NB read any form (unused)
+    xs_read[nt] = xsb + (2 * min((g >> 1) + 4 * nt, NB - 1) + e) * kXsStride + t;
+
+  float acc[NT][4][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int s = 0; s < 4; ++s)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[nt][s][i] = 0.f;
+  float ls[NB];
+#pragma unroll
+  for (int b = 0; b < NB; ++b) ls[b] = 0.f;
+
+  auto load_rec = [&](int q) {
+    return 32 * q + lane < R ? __ldg(rp + 32 * q) : make_uint2(kEmpty, 0u);
+  };
+  auto load_x = [&](const uint2 r, float (&xv)[NB]) {
+#pragma unroll
+    for (int b = 0; b < NB; ++b)
+      xv[b] = (b == 0 || b < nb) && r.x != kEmpty ? __ldg(x + (size_t)b * p.cols + r.x) : 0.f;
+  };
+  uint32_t w[D][B];
+#pragma unroll
+  for (int k = 0; k < D; ++k)
+#pragma unroll
+    for (int i = 0; i < B; ++i) w[k][i] = __ldg(pw + (k * B + i) * 32);
+  uint2 rq = load_rec(0), rn = load_rec(1);
+  float xq[NB];
+  load_x(rq, xq);
+  for (int q = 0; q < nq; ++q) {
+    const uint2 rnn = load_rec(q + 2);
+    float xn[NB];
+    load_x(rn, xn);
+    {
+      const float sc = h2f(rq.y & 0xffff), lc = h2f(rq.y >> 16);
+      __syncwarp();  // everyone has read the previous batch's forms
+#pragma unroll
+      for (int b = 0; b < NB; ++b) {
+        const float v = xq[b] * sc;
+        xsb[(2 * b) * kXsStride + lane] = pack_h2(v, 0.f);
+        xsb[(2 * b + 1) * kXsStride + lane] = pack_h2(0.f, v);
+        ls[b] = fmaf(xq[b], lc, ls[b]);
+      }
+      __syncwarp();
+    }
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      uint32_t wc[B];
+#pragma unroll
+      for (int i = 0; i < B; ++i) {
+        wc[i] = w[k % D][i];
+        w[k % D][i] = __ldg(pw + ((k + D) * B + i) * 32);
+      }
+      uint32_t bf[NT][2];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        bf[nt][0] = xs_read[nt][8 * k];
+        bf[nt][1] = xs_read[nt][8 * k + 4];
+      }
+      uint32_t a[4][4];
+#pragma unroll
+      for (int s = 0; s < 4; ++s) decode_fast<B>(wc, s, smb, lane4, a[s]);
+#pragma unroll
+      for (int s = 0; s < 4; ++s)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mma16816(acc[nt][s], a[s], bf[nt][0], bf[nt][1]);
+    }
+    pw += 4 * B * 32;
+    rq = rn;
+    rn = rnn;
+#pragma unroll
+    for (int b = 0; b < NB; ++b) xq[b] = xn[b];
+  }
+
+  // loc * x of the run's columns, summed over the warp, added to each row once.
+#pragma unroll
+  for (int o = 16; o; o >>= 1)
+#pragma unroll
+    for (int b = 0; b < NB; ++b) ls[b] += __shfl_xor_sync(kFull, ls[b], o);
+  const int row0 = (int)job.z;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int b = t + 4 * nt;  // this lane's vector in D
+    if (b >= nb) continue;
+    float lsb = ls[0];
+#pragma unroll
+    for (int c = 1; c < NB; ++c) lsb = b == c ? ls[c] : lsb;
+#pragma unroll
+    for (int s = 0; s < 4; ++s)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = row0 + s * 32 + 4 * g + i;
+        if (row < p.rows) {
+          const int orig = p.perm ? __ldg(p.perm + row) : row;
+          atomicAdd(y + (int64_t)b * p.rows + orig, acc[nt][s][i] + lsb);
+        }
+      }
+  }
+}
+
+// Segment of this block and its item's jobs [j0, j1).
+__device__ __forceinline__ int block_segment(const TParams& p, int& j0, int& j1) {
+  int s = 0;
+  while (s < 26 && (int)blockIdx.x >= p.item_end[s]) ++s;
+  const int item = (int)blockIdx.x - (s ? p.item_end[s - 1] : 0);
+  j0 = p.seg_begin[s] + item * p.item_jobs[s];
+  j1 = min(j0 + p.item_jobs[s], p.seg_begin[s + 1]);
+  return s;
+}
+
+template <int B, int NS, int NT>
+__device__ void run_item(const TParams& p, int j0, int j1, const float* x, int nb, float* y, char* sm) {
+  const int lane = threadIdx.x & 31;
+  for_each_run(
+      p, j0, j1, [&] { fill_table<B>(p, sm); },
+      [&](int ja, int jb, const uint4&, int) { run_rows<B, NS, NT>(p, ja, jb, x, nb, y, sm, lane); });
+}
+
+template <int B, int NT>
+__device__ void run_depth(const TParams& p, int ns_index, int j0, int j1, const float* x, int nb, float* y, char* sm) {
+  switch (ns_index) {
+    case 0: run_item<B, 4, NT>(p, j0, j1, x, nb, y, sm); break;
+    case 1: run_item<B, 2, NT>(p, j0, j1, x, nb, y, sm); break;
+    default: run_item<B, 1, NT>(p, j0, j1, x, nb, y, sm); break;
+  }
+}
+
+// Every segment, any batch of up to 4 NT vectors.
 template <int NT>
 __global__ void __launch_bounds__(kWarps * 32, 2) tiled_matmul_kernel(TParams p, const float* __restrict__ x, int nb,
                                                                     float* __restrict__ y) {
   extern __shared__ __align__(16) char sm[];
-  int d = 0;
-  while (d < 8 && (int)blockIdx.x >= p.item_end[d]) ++d;
-  const int item = (int)blockIdx.x - (d ? p.item_end[d - 1] : 0);
-  const int j0 = p.job_begin[d] + item * p.item_jobs;
-  const int j1 = min(j0 + p.item_jobs, p.job_begin[d + 1]);
+  int j0, j1;
+  const int s = block_segment(p, j0, j1);
+  const int d = s / 3, ni = s % 3;
   switch (d) {
-    case 0: run_item<0, NT>(p, j0, j1, x, nb, y, sm); break;
-    case 1: run_item<1, NT>(p, j0, j1, x, nb, y, sm); break;
-    case 2: run_item<2, NT>(p, j0, j1, x, nb, y, sm); break;
-    case 3: run_item<3, NT>(p, j0, j1, x, nb, y, sm); break;
-    case 4: run_item<4, NT>(p, j0, j1, x, nb, y, sm); break;
-    case 5: run_item<5, NT>(p, j0, j1, x, nb, y, sm); break;
-    case 6: run_item<6, NT>(p, j0, j1, x, nb, y, sm); break;
-    case 7: run_item<7, NT>(p, j0, j1, x, nb, y, sm); break;
-    default: run_item<8, NT>(p, j0, j1, x, nb, y, sm); break;
+    case 0: run_depth<0, NT>(p, ni, j0, j1, x, nb, y, sm); break;
+    case 1: run_depth<1, NT>(p, ni, j0, j1, x, nb, y, sm); break;
+    case 2: run_depth<2, NT>(p, ni, j0, j1, x, nb, y, sm); break;
+    case 3: run_depth<3, NT>(p, ni, j0, j1, x, nb, y, sm); break;
+    case 4: run_depth<4, NT>(p, ni, j0, j1, x, nb, y, sm); break;
+    case 5: run_depth<5, NT>(p, ni, j0, j1, x, nb, y, sm); break;
+    case 6: run_depth<6, NT>(p, ni, j0, j1, x, nb, y, sm); break;
+    case 7: run_depth<7, NT>(p, ni, j0, j1, x, nb, y, sm); break;
+    default: run_depth<8, NT>(p, ni, j0, j1, x, nb, y, sm); break;
   }
 }
+
+template <int B, int NB>
+__device__ void run_fast_item(const TParams& p, int j0, int j1, const float* x, int nb, float* y, char* dyn) {
+  const int lane = threadIdx.x & 31;
+  uint32_t* xsb = reinterpret_cast<uint32_t*>(dyn) + (threadIdx.x >> 5) * xs_words<NB>();
+  for_each_run(
+      p, j0, j1, [&] { fill_table<B>(p, reinterpret_cast<char*>(fast_table)); },
+      [&](int, int, const uint4& job, int units) { run_fast<B, NB>(p, job, units, x, nb, y, xsb, lane); });
+}
+
+// Segments (depth 1..8, NS = 4) for up to NB vectors: its own kernel, so that its smaller
+// register footprint buys more resident warps. Dynamic shared memory: the warps' x * scale
+// forms.
+template <int NB>
+__global__ void __launch_bounds__(kWarps * 32, 2)
+    tiled_fast_kernel(TParams p, const float* __restrict__ x, int nb, float* __restrict__ y) {
+  extern __shared__ __align__(16) char dyn[];
+  int j0, j1;
+  switch (block_segment(p, j0, j1) / 3) {
+    case 1: run_fast_item<1, NB>(p, j0, j1, x, nb, y, dyn); break;
+    case 2: run_fast_item<2, NB>(p, j0, j1, x, nb, y, dyn); break;
+    case 3: run_fast_item<3, NB>(p, j0, j1, x, nb, y, dyn); break;
+    case 4: run_fast_item<4, NB>(p, j0, j1, x, nb, y, dyn); break;
+    case 5: run_fast_item<5, NB>(p, j0, j1, x, nb, y, dyn); break;
+    case 6: run_fast_item<6, NB>(p, j0, j1, x, nb, y, dyn); break;
+    case 7: run_fast_item<7, NB>(p, j0, j1, x, nb, y, dyn); break;
+    default: run_fast_item<8, NB>(p, j0, j1, x, nb, y, dyn); break;
+  }
+}
+
+constexpr bool fast_segment(int s) { return s % 3 == 0 && s >= 3; }
 
 // Dense W from the tiling: one warp per job, values loc + scale * T[k] with the float32
 // table, rounded as the CPU rounds them (no fused multiply-add).
@@ -339,7 +611,7 @@ template <bool Half>
 __global__ void __launch_bounds__(kWarps * 32) tiled_dequantize_kernel(TParams p, void* out) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int warps = gridDim.x * kWarps;
-  const int n_jobs = p.job_begin[9];
+  const int n_jobs = p.seg_begin[27];
   for (int j = blockIdx.x * kWarps + (threadIdx.x >> 5); j < n_jobs; j += warps) {
     const uint4 job = __ldg(p.jobs + j);
     const int units = (int)(job.w & 0xffff), ns = (int)((job.w >> 16) & 0xff), B = (int)(job.w >> 24);
@@ -386,47 +658,82 @@ TParams make_tparams(const DeviceTiled& L) {
   p.perm = L.perm;
   p.rows = (int)L.rows;
   p.cols = (int)L.cols;
-  for (int i = 0; i < 10; ++i) p.job_begin[i] = (int)L.job_begin[i];
+  for (int i = 0; i < 28; ++i) p.seg_begin[i] = (int)L.seg_begin[i];
   return p;
 }
 
-struct Launch {
-  int blocks_per_sm = 1, sms = 1;
-};
+template <class K>
+int resident_blocks(K kernel, int smem) {
+  int dev = 0, sms = 1, per_sm = 1;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, smem),
+        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  return sms * std::max(per_sm, 1);
+}
 
-template <int NT>
-const Launch& launch_info(int smem) {
-  static const Launch info = [smem] {
-    Launch li;
-    int dev = 0;
-    check(cudaGetDevice(&dev), "cudaGetDevice");
-    check(cudaDeviceGetAttribute(&li.sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
-    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&li.blocks_per_sm, tiled_matmul_kernel<NT>, kWarps * 32, smem),
-          "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-    if (li.blocks_per_sm < 1) li.blocks_per_sm = 1;
-    return li;
-  }();
-  return info;
+// Cuts the segments that `take` selects into one wave of blocks: each segment gets blocks in
+// proportion to its jobs (at least one), and each block an equal share of that segment's
+// jobs; returns the number of blocks (0: nothing to do). Jobs are small (a few units), so
+// the shares come out even.
+template <class Take>
+int plan_items(TParams& p, int resident, Take take) {
+  int n_jobs = 0;
+  for (int s = 0; s < 27; ++s)
+    if (take(s)) n_jobs += p.seg_begin[s + 1] - p.seg_begin[s];
+  int blocks = 0;
+  for (int s = 0; s < 27; ++s) {
+    const int n = take(s) ? p.seg_begin[s + 1] - p.seg_begin[s] : 0;
+    if (n > 0) {
+      const int want = std::max(1, (int)((int64_t)resident * n / n_jobs));
+      p.item_jobs[s] = (n + want - 1) / want;
+      blocks += (n + p.item_jobs[s] - 1) / p.item_jobs[s];
+    } else {
+      p.item_jobs[s] = 1;
+    }
+    p.item_end[s] = blocks;
+  }
+  return blocks;
 }
 
 template <int NT>
-void launch_tiled(const DeviceTiled& L, const float* x, int nb, float* y, cudaStream_t st) {
-  TParams p = make_tparams(L);
-  const int smem = kTableMax;
-  const Launch& li = launch_info<NT>(smem);
-  const int n_jobs = p.job_begin[9];
-  const int resident = li.sms * li.blocks_per_sm;
-  int per = (n_jobs + 2 * resident - 1) / (2 * resident);
-  per = std::max(kWarps, (per + kWarps - 1) / kWarps * kWarps);
-  p.item_jobs = per;
-  int blocks = 0;
-  for (int d = 0; d <= 8; ++d) {
-    blocks += (p.job_begin[d + 1] - p.job_begin[d] + per - 1) / per;
-    p.item_end[d] = blocks;
-  }
+void launch_general(TParams p, const float* x, int nb, float* y, bool skip_fast, cudaStream_t st) {
+  static const int resident = resident_blocks(tiled_matmul_kernel<NT>, kTableMax);
+  const int blocks = plan_items(p, resident, [&](int s) { return !(skip_fast && fast_segment(s)); });
   if (blocks == 0) return;
-  tiled_matmul_kernel<NT><<<blocks, kWarps * 32, smem, st>>>(p, x, nb, y);
+  tiled_matmul_kernel<NT><<<blocks, kWarps * 32, kTableMax, st>>>(p, x, nb, y);
   check(cudaGetLastError(), "tiled matmul kernel launch");
+}
+
+template <int NB>
+void launch_fast(TParams p, const float* x, int nb, float* y, cudaStream_t st) {
+  constexpr int smem = kWarps * xs_words<NB>() * 4;
+  static const int resident = [] {
+    // static table + dynamic forms may pass the default 48 KB per block
+    check(cudaFuncSetAttribute(tiled_fast_kernel<NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+          "cudaFuncSetAttribute");
+    return resident_blocks(tiled_fast_kernel<NB>, smem);
+  }();
+  const int blocks = plan_items(p, resident, [](int s) { return fast_segment(s); });
+  if (blocks == 0) return;
+  tiled_fast_kernel<NB><<<blocks, kWarps * 32, smem, st>>>(p, x, nb, y);
+  check(cudaGetLastError(), "tiled matmul kernel launch");
+}
+
+// Up to 8 vectors: the fast kernel for its segments, the general one for the rest (depth 0,
+// chunks of 1 or 2 slices); 9..16 vectors: the general kernel alone.
+void launch_tiled(const DeviceTiled& L, const float* x, int nb, float* y, cudaStream_t st) {
+  const TParams p = make_tparams(L);
+  if (nb > 8) {
+    launch_general<4>(p, x, nb, y, false, st);
+    return;
+  }
+  if (nb == 1) launch_fast<1>(p, x, nb, y, st);
+  else if (nb == 2) launch_fast<2>(p, x, nb, y, st);
+  else if (nb <= 4) launch_fast<4>(p, x, nb, y, st);
+  else launch_fast<8>(p, x, nb, y, st);
+  if (nb <= 4) launch_general<1>(p, x, nb, y, true, st);
+  else launch_general<2>(p, x, nb, y, true, st);
 }
 
 }  // namespace
@@ -437,16 +744,14 @@ void tiled_matmul(const DeviceTiled& L, const float* x, int64_t n, float* y, voi
     const int nb = (int)std::min<int64_t>(16, n - b0);
     const float* xb = x + b0 * L.cols;
     float* yb = y + b0 * L.rows;
-    if (nb <= 4) launch_tiled<1>(L, xb, nb, yb, st);
-    else if (nb <= 8) launch_tiled<2>(L, xb, nb, yb, st);
-    else launch_tiled<4>(L, xb, nb, yb, st);
+    launch_tiled(L, xb, nb, yb, st);
   }
 }
 
 void tiled_dequantize(const DeviceTiled& L, void* out, bool half_out, void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const TParams p = make_tparams(L);
-  const int n_jobs = p.job_begin[9];
+  const int n_jobs = p.seg_begin[27];
   if (n_jobs == 0) return;
   const int blocks = std::min((n_jobs + kWarps - 1) / kWarps, 4096);
   if (half_out) tiled_dequantize_kernel<true><<<blocks, kWarps * 32, 0, st>>>(p, out);

@@ -73,33 +73,43 @@ GpuLayout build_layout(const PackedView& v, int64_t units_per_job) {
     for (int64_t j = 0; j < g.cols; ++j) cols_of[(size_t)(v.depth[c * g.cols + j] * g.n_clusters + c)].push_back(j);
   uint64_t rec = 0, words = 0;
   std::vector<uint64_t> seg_rec((size_t)(9 * g.n_clusters));
-  for (int d = 0; d <= 8; ++d) {
-    L.job_begin[d] = (int64_t)jobs.size();
+  for (int d = 0; d <= 8; ++d)
     for (int64_t c = 0; c < g.n_clusters; ++c) {
       const auto& cols = cols_of[(size_t)(d * g.n_clusters + c)];
-      if (cols.empty()) continue;
-      const uint64_t rec0 = rec;
-      seg_rec[(size_t)(d * g.n_clusters + c)] = rec0;
+      seg_rec[(size_t)(d * g.n_clusters + c)] = rec;
       rec += (cols.size() + 31) / 32 * 32;
-      for_each_chunk(g.cluster_slices(c), [&](int64_t s0, int ns) {
-        const int bpu = d == 0 ? 1 : 4 / ns;  // blocks per unit
-        const int64_t units = ((int64_t)cols.size() + 8 * bpu - 1) / (8 * bpu);
-        const int64_t n = (units + units_per_job - 1) / units_per_job;
-        for (int64_t k = 0; k < n; ++k) {
-          const int64_t u0 = units * k / n, u1 = units * (k + 1) / n;
-          Job jb;
-          jb.payload_off = words;
-          jb.rec_off = rec0 + (uint64_t)(u0 * bpu * 8);
-          jb.row0 = c * g.group_rows + s0 * kSliceRows;
-          jb.units = (int)(u1 - u0);
-          jb.ns = ns;
-          jb.depth = d;
-          words += (uint64_t)(u1 - u0) * 32 * d;
-          jobs.push_back(jb);
-        }
-      });
+    }
+  for (int d = 0; d <= 8; ++d) {
+    L.job_begin[d] = (int64_t)jobs.size();
+    for (int si = 0; si < 3; ++si) {  // segments of 4-, 2- and 1-slice chunks
+      const int want_ns = 4 >> si;
+      L.seg_begin[3 * d + si] = (int64_t)jobs.size();
+      for (int64_t c = 0; c < g.n_clusters; ++c) {
+        const auto& cols = cols_of[(size_t)(d * g.n_clusters + c)];
+        if (cols.empty()) continue;
+        const uint64_t rec0 = seg_rec[(size_t)(d * g.n_clusters + c)];
+        for_each_chunk(g.cluster_slices(c), [&](int64_t s0, int ns) {
+          if (ns != want_ns) return;
+          const int bpu = d == 0 ? 1 : 4 / ns;  // blocks per unit
+          const int64_t units = ((int64_t)cols.size() + 8 * bpu - 1) / (8 * bpu);
+          const int64_t n = (units + units_per_job - 1) / units_per_job;
+          for (int64_t k = 0; k < n; ++k) {
+            const int64_t u0 = units * k / n, u1 = units * (k + 1) / n;
+            Job jb;
+            jb.payload_off = words;
+            jb.rec_off = rec0 + (uint64_t)(u0 * bpu * 8);
+            jb.row0 = c * g.group_rows + s0 * kSliceRows;
+            jb.units = (int)(u1 - u0);
+            jb.ns = ns;
+            jb.depth = d;
+            words += (uint64_t)(u1 - u0) * 32 * d;
+            jobs.push_back(jb);
+          }
+        });
+      }
     }
   }
+  L.seg_begin[27] = (int64_t)jobs.size();
   L.job_begin[9] = (int64_t)jobs.size();
   if (words > std::numeric_limits<uint32_t>::max() || rec > std::numeric_limits<uint32_t>::max() / 2 ||
       g.rows_pad > std::numeric_limits<int32_t>::max() || g.cols > std::numeric_limits<int32_t>::max())
@@ -129,7 +139,7 @@ GpuLayout build_layout(const PackedView& v, int64_t units_per_job) {
   }
 
   // The payload: every job's units, lane streams as gpu_layout.hpp describes.
-  L.payload.assign(words, 0);
+  L.payload.assign(words + kPayloadPad, 0);
   const std::vector<uint64_t> goff = group_offsets(v);
   const int64_t n_jobs = (int64_t)jobs.size();
   Control ctl;

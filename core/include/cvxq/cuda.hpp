@@ -58,7 +58,7 @@ struct DeviceTiled {
   const uint16_t* singles = nullptr;  // kTableSize float16
   const float* table = nullptr;       // kTableSize float32 (dequantize)
   const int32_t* perm = nullptr;      // [rows] or null
-  int64_t job_begin[10] = {};
+  int64_t seg_begin[28] = {};  // GpuLayout::seg_begin
 };
 
 // y[b, rows] += S x[b, cols] on the tiling with tensor cores: products of float16 inputs

@@ -20,7 +20,12 @@
 // so every warp load reads 128 consecutive bytes. Padding slots hold index 0.
 // Depth-0 columns have no payload: their jobs only add loc * x (units = blocks).
 //
-// Jobs are sorted by depth: those of depth d are jobs [job_begin[d], job_begin[d + 1]).
+// Jobs are sorted by depth, then by NS (4, 2, 1): those of depth d are jobs
+// [job_begin[d], job_begin[d + 1]), and segment 3 d + i (NS = 4 >> i) of them is
+// [seg_begin[3 d + i], seg_begin[3 d + i + 1]). Within a segment, the jobs of one row chunk
+// (same cluster, same row0) are consecutive and their payload and records are contiguous:
+// job k + 1 starts where job k ends (payload_off + 32 B units, rec_off + 8 (4 / NS) units),
+// so the kernel can stream a run of jobs with equal row0 as one sequence of units.
 // Job record (4 words): payload_off, rec_off (first slot of the job's first block), row0,
 // units | NS << 16 | B << 24.
 #pragma once
@@ -32,7 +37,11 @@
 namespace cvxq {
 namespace gpu {
 
-constexpr int kPairDepths = 4;  // depths 1..4 use pair tables, deeper ones single tables
+constexpr int kPairDepths = 4;
+// Zero words after the last job's payload: the kernel's decode path reads up to 7 units past
+// the end of a run (3 to finish its last batch of 4 units, 4 of prefetch) and discards
+// them, so no load needs a bounds check: 7 units x 8 words x 32 lanes fit.
+constexpr int kPayloadPad = 2048;  // depths 1..4 use pair tables, deeper ones single tables
 // Offset of depth B's pair table in GpuLayout::pairs: 4 + 16 + ... + 4^(B-1).
 inline constexpr int pair_offset(int depth) { return ((1 << (2 * depth)) - 4) / 3; }
 constexpr int kPairTableSize = pair_offset(kPairDepths + 1);  // 340
@@ -46,6 +55,7 @@ struct GpuLayout {
   // float16 bits of the whole table (format.hpp's 511 entries, depths 0..8).
   std::vector<uint16_t> singles;
   int64_t job_begin[10] = {};
+  int64_t seg_begin[28] = {};
   int64_t n_jobs() const { return (int64_t)jobs.size() / 4; }
 };
 

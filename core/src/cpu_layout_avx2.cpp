@@ -19,57 +19,51 @@
 namespace cvxq::cpu::detail {
 namespace {
 
-// Table registers of depths 1..4: depths 1 and 2 repeated to 8 entries (vpermps reads 3 bits,
-// the one or two above the index belong to the next index).
-struct Tables {
-  __m256 t1, t2, t3, t4lo, t4hi;
-  const float* table;
+// Table registers of one depth <= 4 (loaded per run, so that only these are live): depths
+// 1 and 2 repeated to 8 entries (vpermps reads 3 bits; the one or two above the index
+// belong to the next index).
+template <int B>
+struct Table {
+  __m256 lo, hi;
+  explicit Table(const float* table) {
+    const float* t = table + table_offset(B);
+    if constexpr (B == 1) lo = _mm256_setr_ps(t[0], t[1], t[0], t[1], t[0], t[1], t[0], t[1]);
+    if constexpr (B == 2) lo = _mm256_setr_ps(t[0], t[1], t[2], t[3], t[0], t[1], t[2], t[3]);
+    if constexpr (B >= 3) lo = _mm256_loadu_ps(t);
+    if constexpr (B == 4) hi = _mm256_loadu_ps(t + 8);
+  }
+  __m256 operator()(__m256i w) const {
+    if constexpr (B <= 3) {
+      return _mm256_permutevar8x32_ps(lo, w);
+    } else {
+      // Bit 3 of the index selects the upper half: moved to the sign bit for blendv.
+      const __m256 upper = _mm256_castsi256_ps(_mm256_slli_epi32(w, 28));
+      return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, w), _mm256_permutevar8x32_ps(hi, w),
+                              upper);
+    }
+  }
 };
 
-Tables make_tables(const float* T) {
-  Tables t;
-  const float* a = T + table_offset(1);
-  const float* b = T + table_offset(2);
-  t.t1 = _mm256_setr_ps(a[0], a[1], a[0], a[1], a[0], a[1], a[0], a[1]);
-  t.t2 = _mm256_setr_ps(b[0], b[1], b[2], b[3], b[0], b[1], b[2], b[3]);
-  t.t3 = _mm256_loadu_ps(T + table_offset(3));
-  t.t4lo = _mm256_loadu_ps(T + table_offset(4));
-  t.t4hi = _mm256_loadu_ps(T + table_offset(4) + 8);
-  t.table = T;
-  return t;
-}
-
-template <int B>
-inline __m256 lookup(const Tables& t, __m256i w) {
-  if constexpr (B == 1) return _mm256_permutevar8x32_ps(t.t1, w);
-  if constexpr (B == 2) return _mm256_permutevar8x32_ps(t.t2, w);
-  if constexpr (B == 3) return _mm256_permutevar8x32_ps(t.t3, w);
-  if constexpr (B == 4) {
-    // Bit 3 of the index selects the upper half: moved to the sign bit for blendv.
-    const __m256 upper = _mm256_castsi256_ps(_mm256_slli_epi32(w, 28));
-    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.t4lo, w),
-                            _mm256_permutevar8x32_ps(t.t4hi, w), upper);
-  }
-}
-
 // A run of depth B <= 4: n lines. Returns the next line.
-template <int B, int RB, int NV>
-inline const uint32_t* run_small(const uint32_t* w, const float*& xs, int64_t n, const Tables& t,
-                                 __m256 (&acc)[RB][NV]) {
+template <int B, int XS, int RB, int NV>
+inline const uint32_t* run_small(const uint32_t* w, const float*& xs, int64_t n,
+                                 const float* table, __m256 (&acc)[RB][NV]) {
   constexpr int P = per_word(B);
+  if (n == 0) return w;
+  const Table<B> lookup(table);
   const float* x = xs;
-  for (; n > 0; --n, w += kLineRows, x += P * NV) {
+  for (; n > 0; --n, w += kLineRows, x += P * XS) {
     __m256i W[RB];
     for (int q = 0; q < RB; ++q) W[q] = _mm256_loadu_si256((const __m256i*)(w + 8 * q));
 #pragma GCC unroll 32
     for (int i = 0; i < P; ++i) {
       __m256 val[RB];
       for (int q = 0; q < RB; ++q) {
-        val[q] = lookup<B>(t, W[q]);
+        val[q] = lookup(W[q]);
         W[q] = _mm256_srli_epi32(W[q], B);
       }
       for (int v = 0; v < NV; ++v) {
-        const __m256 xb = _mm256_broadcast_ss(x + i * NV + v);
+        const __m256 xb = _mm256_broadcast_ss(x + i * XS + v);
         for (int q = 0; q < RB; ++q) acc[q][v] = _mm256_fmadd_ps(val[q], xb, acc[q][v]);
       }
     }
@@ -79,14 +73,14 @@ inline const uint32_t* run_small(const uint32_t* w, const float*& xs, int64_t n,
 }
 
 // A run of depth 5..8: gathers from the table.
-template <int RB, int NV>
+template <int XS, int RB, int NV>
 inline const uint32_t* run_gather(int B, const uint32_t* w, const float*& xs, int64_t n,
                                   const float* T, __m256 (&acc)[RB][NV]) {
   const int P = per_word(B);
   const __m256i mask = _mm256_set1_epi32((1 << B) - 1);
   const __m128i shift = _mm_cvtsi32_si128(B);
   const float* x = xs;
-  for (; n > 0; --n, w += kLineRows, x += P * NV) {
+  for (; n > 0; --n, w += kLineRows, x += P * XS) {
     __m256i W[RB];
     for (int q = 0; q < RB; ++q) W[q] = _mm256_loadu_si256((const __m256i*)(w + 8 * q));
     for (int i = 0; i < P; ++i) {
@@ -96,7 +90,7 @@ inline const uint32_t* run_gather(int B, const uint32_t* w, const float*& xs, in
         W[q] = _mm256_srl_epi32(W[q], shift);
       }
       for (int v = 0; v < NV; ++v) {
-        const __m256 xb = _mm256_broadcast_ss(x + i * NV + v);
+        const __m256 xb = _mm256_broadcast_ss(x + i * XS + v);
         for (int q = 0; q < RB; ++q) acc[q][v] = _mm256_fmadd_ps(val[q], xb, acc[q][v]);
       }
     }
@@ -105,10 +99,13 @@ inline const uint32_t* run_gather(int B, const uint32_t* w, const float*& xs, in
   return w;
 }
 
-template <int RB, int NV>
+// Vectors [V0, V0 + NV) of the XS in xs.
+template <int RB, int NV, int XS = NV, int V0 = 0>
 void slices(const CpuLayout& L, int64_t c, int64_t s0, int64_t s1, const float* xs, float* acc,
             int64_t stride) {
-  const Tables t = make_tables(L.table.data());
+  xs += V0;
+  acc += V0 * stride;
+  const float* T = L.table.data();
   const int64_t* run = L.run.data() + 10 * c;
   int64_t n[9];
   for (int B = 1; B <= 8; ++B) n[B] = (run[B + 1] - run[B]) / per_word(B);
@@ -121,11 +118,11 @@ void slices(const CpuLayout& L, int64_t c, int64_t s0, int64_t s1, const float* 
         for (int v = 0; v < NV; ++v) a[q][v] = _mm256_setzero_ps();
       const uint32_t* w = base + 8 * q0;
       const float* x = xs;
-      w = run_small<1>(w, x, n[1], t, a);
-      w = run_small<2>(w, x, n[2], t, a);
-      w = run_small<3>(w, x, n[3], t, a);
-      w = run_small<4>(w, x, n[4], t, a);
-      for (int B = 5; B <= 8; ++B) w = run_gather(B, w, x, n[B], t.table + table_offset(B), a);
+      w = run_small<1, XS>(w, x, n[1], T, a);
+      w = run_small<2, XS>(w, x, n[2], T, a);
+      w = run_small<3, XS>(w, x, n[3], T, a);
+      w = run_small<4, XS>(w, x, n[4], T, a);
+      for (int B = 5; B <= 8; ++B) w = run_gather<XS>(B, w, x, n[B], T + table_offset(B), a);
       float* out = acc + (s - s0) * kLineRows + 8 * q0;
       for (int q = 0; q < RB; ++q)
         for (int v = 0; v < NV; ++v) _mm256_storeu_ps(out + v * stride + 8 * q, a[q][v]);
@@ -135,8 +132,45 @@ void slices(const CpuLayout& L, int64_t c, int64_t s0, int64_t s1, const float* 
 
 }  // namespace
 
+namespace {
+
+// Several vectors: xt holds x transposed, 8 floats per column (vectors nv..7 zero), so a
+// slot's values for all vectors are one load.
+void prepare_many(const CpuLayout& L, int64_t c, const float* xt, int nv, float* xs, double* cst) {
+  const int64_t* run = L.run.data() + 10 * c;
+  const float t0 = L.table[0];
+  __m256d c_lo = _mm256_setzero_pd(), c_hi = _mm256_setzero_pd();
+  for (int64_t sl = run[0]; sl < run[1]; ++sl) {  // depth 0: the whole weight is constant
+    const uint32_t p = L.sl[(size_t)sl];
+    const float l = half_to_float((uint16_t)(p >> 16)), sc = half_to_float((uint16_t)(p & 0xffffu));
+    const __m256d w = _mm256_set1_pd((double)(l + sc * t0));
+    const __m256 xv = _mm256_loadu_ps(xt + 8 * (size_t)L.col[(size_t)sl]);
+    c_lo = _mm256_fmadd_pd(w, _mm256_cvtps_pd(_mm256_castps256_ps128(xv)), c_lo);
+    c_hi = _mm256_fmadd_pd(w, _mm256_cvtps_pd(_mm256_extractf128_ps(xv, 1)), c_hi);
+  }
+  const int64_t first = run[1], end = run[9];
+  for (int64_t sl = first; sl < end; ++sl) {
+    const uint32_t p = L.sl[(size_t)sl];
+    const __m128 h = _mm_cvtph_ps(_mm_cvtsi32_si128((int)p));  // scale, loc
+    const __m256 scale = _mm256_broadcastss_ps(h);
+    const __m256d loc = _mm256_broadcastsd_pd(_mm_cvtps_pd(_mm_movehdup_ps(h)));
+    const __m256 xv = _mm256_loadu_ps(xt + 8 * (size_t)L.col[(size_t)sl]);
+    // 8 lanes written, nv kept: the next slot overwrites the rest (xs has 8 floats slack).
+    _mm256_storeu_ps(xs + (sl - first) * nv, _mm256_mul_ps(xv, scale));
+    c_lo = _mm256_fmadd_pd(loc, _mm256_cvtps_pd(_mm256_castps256_ps128(xv)), c_lo);
+    c_hi = _mm256_fmadd_pd(loc, _mm256_cvtps_pd(_mm256_extractf128_ps(xv, 1)), c_hi);
+  }
+  alignas(32) double d[8];
+  _mm256_store_pd(d, c_lo);
+  _mm256_store_pd(d + 4, c_hi);
+  for (int v = 0; v < nv; ++v) cst[v] = d[v];
+}
+
+}  // namespace
+
 void prepare_avx2(const CpuLayout& L, int64_t c, const float* x, int64_t x_stride, int nv,
-                  float* xs, double* cst) {
+                  const float* xt, float* xs, double* cst) {
+  if (nv > 1) return prepare_many(L, c, xt, nv, xs, cst);
   const int64_t* run = L.run.data() + 10 * c;
   const float t0 = L.table[0];
   double c0[8];
@@ -204,7 +238,8 @@ void slices_avx2(const CpuLayout& L, int64_t c, int64_t s0, int64_t s1, const fl
     case 5: return slices<1, 5>(L, c, s0, s1, xs, acc, stride);
     case 6: return slices<1, 6>(L, c, s0, s1, xs, acc, stride);
     case 7: return slices<1, 7>(L, c, s0, s1, xs, acc, stride);
-    default: return slices<1, 8>(L, c, s0, s1, xs, acc, stride);
+    default:
+      return slices<1, 8>(L, c, s0, s1, xs, acc, stride);
   }
 }
 

@@ -71,13 +71,14 @@ namespace detail {
 // (r = cluster row, from 32 * s0) = sum over the cluster's slots of depth >= 1 of
 // xs[slot * nv + v] * T_B[k(r, slot)], where xs holds the padded slots of depths 1..8 of c
 // in order (x * scale, 0 for padding).
-// Per-ISA preparation of cluster c for nv <= 8 vectors x[v * x_stride + j]: xs as above,
-// and cst[v] = sum over every column of c of x * loc (depth 0: x * (loc + scale * T0[0])),
-// in double.
+// Per-ISA preparation of cluster c for nv <= 8 vectors x[v * x_stride + j] (also given
+// transposed, xt[8 j + v], zero for v >= nv, when nv > 1): xs as above (written with up to
+// 8 floats of slack past its end), and cst[v] = sum over every column of c of x * loc
+// (depth 0: x * (loc + scale * T0[0])), in double.
 using PrepareFn = void (*)(const CpuLayout& L, int64_t c, const float* x, int64_t x_stride,
-                           int nv, float* xs, double* cst);
+                           int nv, const float* xt, float* xs, double* cst);
 void prepare_avx2(const CpuLayout& L, int64_t c, const float* x, int64_t x_stride, int nv,
-                  float* xs, double* cst);
+                  const float* xt, float* xs, double* cst);
 using SliceKernelFn = void (*)(const CpuLayout& L, int64_t c, int64_t s0, int64_t s1,
                                const float* xs, int nv, float* acc, int64_t stride);
 void slices_avx2(const CpuLayout& L, int64_t c, int64_t s0, int64_t s1, const float* xs, int nv,

@@ -118,6 +118,14 @@ struct CpuLayer {
     return out;
   }
 
+  NpArray<uint8_t> unpack() const {
+    uint8_t* idx;
+    auto out = new_array<uint8_t>({(size_t)L.geom.rows_pad, (size_t)L.geom.cols}, &idx);
+    nb::gil_scoped_release release;
+    cpu::unpack_indices(L, idx);
+    return out;
+  }
+
   NpArray<float> dequantize(bool reference) const {
     float* w;
     auto out = new_array<float>({(size_t)L.geom.rows, (size_t)L.geom.cols}, &w);
@@ -347,6 +355,9 @@ void bind_packed(nb::module_& m) {
       .def("matmul", &CpuLayer::matmul, nb::arg("x").noconvert(), nb::kw_only(),
            CVXQ_CONTROL_ARGS,
            "W^ x for x float32[cols] or [batch, cols] -> [rows] or [batch, rows].")
+      .def("unpack", &CpuLayer::unpack,
+           "Indices uint8[rows_pad, cols] in storage row order (padding rows 0); packing them "
+           "gives the packed payload again.")
       .def("dequantize", &CpuLayer::dequantize, nb::kw_only(), nb::arg("reference") = false,
            "Dense float32[rows, cols] in original row order; reference=True decodes every "
            "index bit by bit from the tiling (for tests).");

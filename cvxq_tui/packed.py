@@ -78,7 +78,7 @@ class PackedLinear:
         if self.payload is None:
             raise FormatError("this layer's packed payload was released when it was loaded for the CPU "
                               "runtime (only the CPU tiling is kept); load the folder again with "
-                              "load_quantized(..., device='cuda') to run it on a GPU or read the file to write it")
+                              "load_quantized(..., device='cuda') to run it on a GPU")
         if self._core is None:
             try:
                 offsets = _core.tile_offsets(self.rows, self.cols, self.group_rows, self.depth)
@@ -106,7 +106,8 @@ class PackedLinear:
     def keep_only_cpu_layout(self) -> None:
         """Builds the CPU tiling and releases the packed payload, which the tiling holds
         again: products and dequantization read the tiling (bit for bit the same weights),
-        and the layer can no longer be written or put on a GPU. For the CPU runtime."""
+        to_tensors re-packs the payload from it, and the layer can no longer be put on a GPU.
+        For the CPU runtime."""
         self.cpu_layout()
         self._payload_nbytes = self.payload.nbytes
         self.payload = None
@@ -127,9 +128,13 @@ class PackedLinear:
         return self.cpu_layout().matmul(x)
 
     # --- disk ----------------------------------------------------------------------------
+    def packed_payload(self) -> np.ndarray:
+        """The payload; re-packed from the CPU tiling's indices when it was released."""
+        if self.payload is not None:
+            return self.payload
+        return _core.pack(self.rows, self.cols, self.group_rows, self.depth, self._cpu.unpack())[1]
+
     def to_tensors(self, prefix: str) -> dict[str, np.ndarray]:
-        if self.payload is None:
-            self.core()  # raises: the payload was released for the CPU runtime
         flat = self.depth.reshape(-1)
         uniform = bool(flat.size) and bool((flat == flat[0]).all())
         meta = np.array([FORMAT_VERSION, self.out_features, self.in_features, int(self.transposed),
@@ -138,7 +143,7 @@ class PackedLinear:
         t = {
             f"{prefix}.cvxq.meta": meta,
             f"{prefix}.cvxq.depth": flat[:1].copy() if uniform else _core.pack_nibbles(flat),
-            f"{prefix}.cvxq.payload": self.payload,
+            f"{prefix}.cvxq.payload": self.packed_payload(),
             f"{prefix}.cvxq.loc": self.loc.view(np.float16),
             f"{prefix}.cvxq.scale": self.scale.view(np.float16),
         }

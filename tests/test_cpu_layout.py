@@ -175,3 +175,37 @@ def test_cancel_and_progress():
     flag.set()
     with pytest.raises(_core.Cancelled):
         cpu.matmul(x, cancel=flag)
+
+
+def test_runtime_layer_keeps_only_the_tiling():
+    """load_quantized on the CPU keeps the tiling instead of the packed payload: the same
+    products and weights, the same bytes on disk, the payload re-packed bit for bit."""
+    import torch
+
+    from cvxq_tui.errors import FormatError
+    from cvxq_tui.packed import PackedLinear
+    from cvxq_tui.runtime import QuantLinear
+
+    layer, idx = random_layer(200, 90, 64, seed=9, max_depth=8)
+    p = PackedLinear.build(out_features=200, in_features=90, transposed=False, group_rows=64, kind="lloyd",
+                           depth=layer["depth"], idx=idx, loc=layer["loc"].view(np.float16),
+                           scale=layer["scale"].view(np.float16), table=layer["table"], perm=layer["perm"],
+                           bias=np.linspace(-1, 1, 200).astype(np.float32))
+    x = np.random.default_rng(1).standard_normal((70, 90)).astype(np.float32)
+    w, y, tensors, nbytes = p.dequantize(), p.matmul(x[:5]), p.to_tensors("l"), p.nbytes()
+    q = QuantLinear(p)
+    dense = torch.from_numpy(x) @ torch.from_numpy(w).T + q.bias
+    p.keep_only_cpu_layout()
+    assert p.payload is None
+    np.testing.assert_array_equal(p.dequantize(), w)
+    np.testing.assert_array_equal(p.matmul(x[:5]), y)
+    assert p.nbytes() == nbytes
+    again = p.to_tensors("l")
+    assert again.keys() == tensors.keys()
+    for k in tensors:
+        np.testing.assert_array_equal(again[k], tensors[k])
+    with pytest.raises(FormatError, match="released"):
+        p.core()
+    with torch.no_grad():
+        for n in (1, 8, 64, 70):  # the kernel up to 64 rows, a transient dense weight above
+            torch.testing.assert_close(q(torch.from_numpy(x[:n])), dense[:n], rtol=1e-5, atol=1e-5)

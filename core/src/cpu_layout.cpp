@@ -312,6 +312,27 @@ void matmul(const CpuLayout& L, const float* x, int64_t batch, float* y, const C
   }
 }
 
+void unpack_indices(const CpuLayout& L, uint8_t* idx) {
+  const Geometry& g = L.geom;
+  std::memset(idx, 0, (size_t)(g.rows_pad * g.cols));
+  for (int64_t c = 0; c < g.n_clusters; ++c) {
+    const int64_t* run = L.run.data() + 10 * c;
+    for (int64_t s = 0; s < g.cluster_slices(c); ++s) {
+      const uint32_t* w = L.words.data() + L.word_off[(size_t)c] + s * L.line_count[(size_t)c] * kLineRows;
+      uint8_t* rows = idx + (c * g.group_rows + s * kSliceRows) * g.cols;
+      for (int B = 1; B <= 8; ++B) {
+        const int P = per_word(B);
+        const int64_t real_end = run[B] + L.n_real[(size_t)(c * kRuns + B)];
+        for (int64_t first = run[B]; first < run[B + 1]; first += P, w += kLineRows)
+          for (int i = 0; i < P && first + i < real_end; ++i)
+            for (int r = 0; r < kLineRows; ++r)
+              rows[r * g.cols + L.col[(size_t)(first + i)]] =
+                  (uint8_t)((w[r] >> (B * i)) & ((1u << B) - 1));
+      }
+    }
+  }
+}
+
 void dense_reference(const CpuLayout& L, float* out) {
   const Geometry& g = L.geom;
   for (int64_t c = 0; c < g.n_clusters; ++c) {

@@ -61,6 +61,10 @@ void dequantize(const CpuLayout& L, float* out, const Control& ctl = {});
 // 8 sharing each lookup). Float accumulation per row, the loc terms in double.
 void matmul(const CpuLayout& L, const float* x, int64_t batch, float* y, const Control& ctl = {});
 
+// The indices back, idx [rows_pad, cols] uint8 in storage row order (padding rows 0):
+// pack_indices of them gives the packed payload again.
+void unpack_indices(const CpuLayout& L, uint8_t* idx);
+
 // Plain reference decode of the tiling to [rows, cols] (original row order): reads every
 // index bit by bit from the line layout above. For tests.
 void dense_reference(const CpuLayout& L, float* out);

@@ -36,22 +36,6 @@ void group_offsets(const PackedView& v, int64_t c, uint64_t* off) {
   }
 }
 
-// Units of work: (cluster, slice range). With few clusters each is cut into pieces so that
-// every thread has several units (the last cluster may be short).
-struct Units {
-  int64_t per = 1, span = 1, n = 0;
-};
-
-Units make_units(const Geometry& g) {
-  Units u;
-  const int64_t threads = max_threads(), max_slices = g.cluster_slices(0);
-  if (threads > 1 && g.n_clusters < 4 * threads)
-    u.per = std::min(max_slices, (4 * threads + g.n_clusters - 1) / g.n_clusters);
-  u.span = (max_slices + u.per - 1) / u.per;
-  u.n = g.n_clusters * u.per;
-  return u;
-}
-
 // Portable kernels (the Isa::Scalar path), twins of the AVX2 ones.
 void prepare_scalar(const CpuLayout& L, int64_t c, const float* x, int64_t x_stride, int nv,
                     const float*, float* xs, double* cst) {
@@ -265,10 +249,15 @@ void matmul(const CpuLayout& L, const float* x, int64_t batch, float* y, const C
   const Geometry& g = L.geom;
   const detail::PrepareFn prepare = prepare_kernel();
   const detail::SliceKernelFn kernel = slice_kernel();
-  const Units un = make_units(g);
   int64_t max_slots = 0;
   for (int64_t c = 0; c < g.n_clusters; ++c)
     max_slots = std::max(max_slots, L.run[(size_t)(10 * c + 9)] - L.run[(size_t)(10 * c + 1)]);
+  // Each thread takes one contiguous range of the layer's 32-row slices (storage slice u is
+  // rows 32u..32u+31, in cluster 32u / group_rows): balanced to a slice, and the per-cluster
+  // preparation of the vectors is done once per cluster a thread touches. Finer dynamic
+  // units split clusters between threads, and each repeated that preparation.
+  const int64_t n_slices = g.rows_pad / kSliceRows, per_cluster = g.group_rows / kSliceRows;
+  const int64_t threads = std::max(1, max_threads());
   // Vectors in blocks of at most 8, of balanced sizes (9 -> 5 + 4).
   const int64_t n_blocks = (batch + kMaxVectors - 1) / kMaxVectors;
   int64_t done = 0;
@@ -284,19 +273,19 @@ void matmul(const CpuLayout& L, const float* x, int64_t batch, float* y, const C
         for (int64_t j = 0; j < g.cols; ++j) xt[(size_t)(8 * j + v)] = xb[v * g.cols + j];
     }
     const bool small = g.rows_pad * g.cols * nv < (int64_t)1 << 17;
-    parallel_chunks(un.n, 1, small ? un.n : 0, ctl, nullptr, [&](int64_t u0, int64_t u1) {
+    const int64_t chunk = small ? n_slices : (n_slices + threads - 1) / threads;
+    parallel_chunks(n_slices, chunk, small ? n_slices : 0, ctl, nullptr, [&](int64_t u0, int64_t u1) {
       // Per-thread scratch, kept between calls: a decode step calls this for every layer.
       thread_local std::vector<float> xs, acc;
       xs.resize(std::max(xs.size(), (size_t)(max_slots * nv + 8)));
-      acc.resize(std::max(acc.size(), (size_t)(un.span * kLineRows * nv)));
-      const int64_t stride = un.span * kLineRows;
+      acc.resize(std::max(acc.size(), (size_t)(per_cluster * kLineRows * nv)));
+      const int64_t stride = per_cluster * kLineRows;
       double cst[kMaxVectors];
-      int64_t have = -1;
-      for (int64_t u = u0; u < u1; ++u) {
-        const int64_t c = u / un.per, s0 = (u % un.per) * un.span;
-        const int64_t s1 = std::min(g.cluster_slices(c), s0 + un.span);
-        if (s0 >= s1) continue;
-        if (have != c) prepare(L, c, xb, g.cols, nv, xt.data(), xs.data(), cst), have = c;
+      for (int64_t u = u0; u < u1;) {
+        const int64_t c = u / per_cluster, s0 = u - c * per_cluster;
+        const int64_t s1 = std::min(g.cluster_slices(c), s0 + (u1 - u));
+        u += s1 - s0;
+        prepare(L, c, xb, g.cols, nv, xt.data(), xs.data(), cst);
         kernel(L, c, s0, s1, xs.data(), nv, acc.data(), stride);
         const int64_t row0 = c * g.group_rows + s0 * kSliceRows;
         const int64_t nrows = std::min(g.rows - row0, (s1 - s0) * kSliceRows);

@@ -2,7 +2,7 @@
 the same run.
 
     python bench/kernels.py gpu   # CUDA GEMV/GEMM vs torch fp16 (cuBLAS) on the same GPU
-    python bench/kernels.py cpu   # AVX2 matvec vs torch fp32; decode tokens/s of the default model
+    python bench/kernels.py cpu   # AVX2 matvec (CPU tiling) vs torch fp32; decode tokens/s of the default model
 
 GPU method: bytes each kernel must read (the layer as it sits on the GPU -- the GPU tiling's
 payload, job list, column records and tables, and perm -- plus x, and y written) over the
@@ -173,30 +173,38 @@ def cpu(args):
     torch.set_num_threads(args.threads)
     print(f"CPU: {args.threads} threads, core ISA {_core.active_isa()}, torch {torch.__version__}")
     rng = np.random.default_rng(0)
+    gr = args.group_rows
     for out_f, in_f in [(4096, 4096), (1536, 576), (576, 1536)]:
-        g = _core.geometry(out_f, in_f, 64)
+        g = _core.geometry(out_f, in_f, gr)
         depth = (3 + rng.choice(np.array([-1, 0, 0, 1]), size=(g["n_clusters"], in_f))).astype(np.uint8)
-        row_depth = depth[np.arange(g["rows_pad"]) // 64].astype(np.int64)
+        row_depth = depth[np.arange(g["rows_pad"]) // gr].astype(np.int64)
         idx = rng.integers(0, 1 << row_depth).astype(np.uint8)
-        p = PackedLinear.build(out_features=out_f, in_features=in_f, transposed=False, group_rows=64, kind="laplace",
+        p = PackedLinear.build(out_features=out_f, in_features=in_f, transposed=False, group_rows=gr, kind="laplace",
                                depth=depth, idx=idx, loc=0.01 * rng.standard_normal(depth.shape),
                                scale=np.abs(0.02 * rng.standard_normal(depth.shape)),
                                table=rng.standard_normal(_core.TABLE_SIZE).astype(np.float32), perm=None, bias=None)
         w = torch.from_numpy(p.dequantize())
-        for batch in (1, 8):
+        t0 = time.perf_counter()
+        tiling = p.cpu_layout()  # built once per layer at load time
+        build_ms = (time.perf_counter() - t0) * 1e3
+        print(f"  {out_f}x{in_f}: CPU tiling built in {build_ms:.1f} ms, {tiling.nbytes / 1e6:.2f} MB "
+              f"(packed layer {p.nbytes() / 1e6:.2f} MB, fp32 {w.numel() * 4 / 1e6:.1f} MB)")
+        for batch in args.batches:
             x = rng.standard_normal((batch, in_f)).astype(np.float32)
             xt = torch.from_numpy(x)
 
-            def best(fn, reps=30):
-                ts = []
+            def medians(fns, reps=30):
+                """Median seconds of each function, timed in alternation so that a change in
+                the machine's load hits all of them alike."""
+                ts = [[] for _ in fns]
                 for _ in range(reps):
-                    t0 = time.perf_counter()
-                    fn()
-                    ts.append(time.perf_counter() - t0)
-                return statistics.median(ts)
+                    for f, t in zip(fns, ts):
+                        t0 = time.perf_counter()
+                        f()
+                        t.append(time.perf_counter() - t0)
+                return [statistics.median(t) for t in ts]
 
-            t_ref = best(lambda: xt @ w.T)
-            t_avx = best(lambda: p.matmul(x))
+            t_ref, t_avx = medians([lambda: xt @ w.T, lambda: p.matmul(x)])
             err = float(np.abs(p.matmul(x) - (xt @ w.T).numpy()).max())
             print(f"  {out_f}x{in_f} batch {batch}: torch fp32 {t_ref * 1e6:8.0f} us   packed {t_avx * 1e6:8.0f} us   "
                   f"{t_ref / t_avx:5.2f}x   ({8 * p.nbytes() / w.numel():.2f} bits/w, max diff {err:.1e})")
@@ -237,6 +245,8 @@ def _decode_bench(args, torch):
     tq = decode(q, 8)
     tq = decode(q, args.steps)
     qlin = sum(m.packed.nbytes() for m in q.modules() if hasattr(m, "packed"))
+    tiles = sum(m.packed._cpu.nbytes for m in q.modules()
+                if hasattr(m, "packed") and getattr(m.packed, "_cpu", None) is not None)
     del q
     gc.collect()
     base = rss_mb()
@@ -248,7 +258,8 @@ def _decode_bench(args, torch):
                if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
     print(f"decode, {args.steps} tokens after an 8-token prompt, greedy, batch 1:")
     print(f"  fp32 dense   : {td:7.2f} tok/s   RSS +{d_rss:7.1f} MB   decoder Linear weights {dlin / 1e6:7.1f} MB")
-    print(f"  cvxq packed  : {tq:7.2f} tok/s   RSS +{q_rss:7.1f} MB   decoder Linear weights {qlin / 1e6:7.1f} MB")
+    print(f"  cvxq packed  : {tq:7.2f} tok/s   RSS +{q_rss:7.1f} MB   decoder Linear weights {qlin / 1e6:7.1f} MB"
+          + (f" (held as the CPU tiling: {tiles / 1e6:.1f} MB)" if tiles else ""))
     print(f"  speed ratio packed/dense: {tq / td:.2f}x")
 
 
@@ -265,6 +276,9 @@ def main():
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--model-dir", help="a cvxq-tui output folder for the decode benchmark")
     c.add_argument("--steps", type=int, default=64)
+    c.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    c.add_argument("--group-rows", type=int, default=64, help="rows per group of the random layers (64: the "
+                   "numbers in bench/results/kernels_cpu.txt; the pipeline's default is 128)")
     a = ap.parse_args()
     gpu(a) if a.what == "gpu" else cpu(a)
 

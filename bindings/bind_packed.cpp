@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "common.hpp"
+#include "cvxq/cpu_layout.hpp"
 #include "cvxq/gpu_layout.hpp"
 #include "cvxq/packed.hpp"
 #include "cvxq/quantize.hpp"
@@ -92,6 +93,52 @@ gpu::GpuLayout layout_from(nb::dict d) {
   return L;
 }
 
+// x: [cols] or [batch, cols] -> a new [rows] or [batch, rows] array and the batch size.
+NpArray<float> new_product(const nb::ndarray<const float, nb::c_contig, nb::device::cpu>& x,
+                           const Geometry& geom, float** y, size_t* batch) {
+  if (x.ndim() != 1 && x.ndim() != 2)
+    shape_error("matmul: x must be [cols] or [batch, cols], got " + std::to_string(x.ndim()) +
+                " dimensions");
+  *batch = x.ndim() == 2 ? x.shape(0) : 1;
+  expect_size("matmul: x's last dimension", x.shape(x.ndim() - 1), geom.cols);
+  return x.ndim() == 2 ? new_array<float>({*batch, (size_t)geom.rows}, y)
+                       : new_array<float>({(size_t)geom.rows}, y);
+}
+
+// The CPU tiling of a layer (cpu_layout.hpp), built once; owns its arrays.
+struct CpuLayer {
+  cpu::CpuLayout L;
+
+  NpArray<float> matmul(nb::ndarray<const float, nb::c_contig, nb::device::cpu> x,
+                        CancelFlag* cancel, const std::optional<ProgressFn>& progress) const {
+    float* y;
+    size_t batch;
+    auto out = new_product(x, L.geom, &y, &batch);
+    if (batch == 0) return out;
+    const Control ctl = make_control(cancel, progress);
+    nb::gil_scoped_release release;
+    cpu::matmul(L, x.data(), (int64_t)batch, y, ctl);
+    return out;
+  }
+
+  NpArray<uint8_t> unpack() const {
+    uint8_t* idx;
+    auto out = new_array<uint8_t>({(size_t)L.geom.rows_pad, (size_t)L.geom.cols}, &idx);
+    nb::gil_scoped_release release;
+    cpu::unpack_indices(L, idx);
+    return out;
+  }
+
+  NpArray<float> dequantize(bool reference) const {
+    float* w;
+    auto out = new_array<float>({(size_t)L.geom.rows, (size_t)L.geom.cols}, &w);
+    nb::gil_scoped_release release;
+    if (reference) cpu::dense_reference(L, w);
+    else cpu::dequantize(L, w);
+    return out;
+  }
+};
+
 struct PackedLayer {
   Geometry geom;
   Arr2<const uint8_t> depth;
@@ -166,18 +213,20 @@ struct PackedLayer {
     return layout_dict(L);
   }
 
+  CpuLayer cpu_layout() const {
+    CpuLayer c;
+    nb::gil_scoped_release release;
+    c.L = cpu::build_layout(view());
+    return c;
+  }
+
   // x: [cols] -> [rows], or [batch, cols] -> [batch, rows].
   NpArray<float> matmul(nb::ndarray<const float, nb::c_contig, nb::device::cpu> x,
                         bool reference, CancelFlag* cancel,
                         const std::optional<ProgressFn>& progress) const {
-    if (x.ndim() != 1 && x.ndim() != 2)
-      shape_error("matmul: x must be [cols] or [batch, cols], got " +
-                  std::to_string(x.ndim()) + " dimensions");
-    const size_t batch = x.ndim() == 2 ? x.shape(0) : 1;
-    expect_size("matmul: x's last dimension", x.shape(x.ndim() - 1), geom.cols);
     float* y;
-    auto out = x.ndim() == 2 ? new_array<float>({batch, (size_t)geom.rows}, &y)
-                             : new_array<float>({(size_t)geom.rows}, &y);
+    size_t batch;
+    auto out = new_product(x, geom, &y, &batch);
     if (batch == 0) return out;
     const Control ctl = make_control(cancel, progress);
     {
@@ -296,6 +345,26 @@ void bind_packed(nb::module_& m) {
       "(offsets uint32, payload uint32). Raises ValueError naming the group of an index that "
       "does not fit its depth.");
 
+  nb::class_<CpuLayer>(m, "CpuLayer",
+                       "The CPU tiling of a packed layer (core/include/cvxq/cpu_layout.hpp): the "
+                       "same index bits re-ordered for the AVX2 product; owns its arrays. Made by "
+                       "PackedLayer.cpu_layout().")
+      .def_prop_ro("rows", [](const CpuLayer& c) { return c.L.geom.rows; })
+      .def_prop_ro("cols", [](const CpuLayer& c) { return c.L.geom.cols; })
+      .def_prop_ro("group_rows", [](const CpuLayer& c) { return c.L.geom.group_rows; })
+      .def_prop_ro("nbytes", [](const CpuLayer& c) { return c.L.nbytes(); },
+                   "Bytes the tiling holds (payload lines, column slots, tables, perm).")
+      .def_prop_ro("payload_words", [](const CpuLayer& c) { return (int64_t)c.L.words.size(); })
+      .def("matmul", &CpuLayer::matmul, nb::arg("x").noconvert(), nb::kw_only(),
+           CVXQ_CONTROL_ARGS,
+           "W^ x for x float32[cols] or [batch, cols] -> [rows] or [batch, rows].")
+      .def("unpack", &CpuLayer::unpack,
+           "Indices uint8[rows_pad, cols] in storage row order (padding rows 0); packing them "
+           "gives the packed payload again.")
+      .def("dequantize", &CpuLayer::dequantize, nb::kw_only(), nb::arg("reference") = false,
+           "Dense float32[rows, cols] in original row order; reference=True decodes every "
+           "index bit by bit from the tiling (for tests).");
+
   nb::class_<PackedLayer>(m, "PackedLayer",
                           "A packed layer over caller-owned arrays (kept alive by this object), "
                           "validated once at construction (FormatError when corrupt).")
@@ -315,6 +384,8 @@ void bind_packed(nb::module_& m) {
       .def("dequantize", &PackedLayer::dequantize, nb::kw_only(), nb::arg("reference") = false,
            nb::arg("out").none() = nb::none(), CVXQ_CONTROL_ARGS,
            "Dense float32[rows, cols] in original row order (written into out if given).")
+      .def("cpu_layout", &PackedLayer::cpu_layout,
+           "The CPU tiling of this layer (a CpuLayer), built once from the bit planes.")
       .def("gpu_layout", &PackedLayer::gpu_layout, nb::kw_only(), nb::arg("units_per_job") = 8,
            "The GPU tiling of this layer (core/include/cvxq/gpu_layout.hpp) as a dict of "
            "numpy arrays: payload, jobs, records, pairs, singles, job_begin (10 depth boundaries) "

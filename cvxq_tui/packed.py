@@ -8,6 +8,7 @@ depth map when loading (and the payload length is checked against them)."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -48,6 +49,8 @@ class PackedLinear:
 
     def __post_init__(self):
         self._core = None
+        self._cpu = None              # the CPU tiling, once built
+        self._payload_nbytes = None   # set when the payload was released for the tiling
 
     @property
     def rows(self) -> int:
@@ -72,6 +75,10 @@ class PackedLinear:
 
     # --- compute -------------------------------------------------------------------------
     def core(self):
+        if self.payload is None:
+            raise FormatError("this layer's packed payload was released when it was loaded for the CPU "
+                              "runtime (only the CPU tiling is kept); load the folder again with "
+                              "load_quantized(..., device='cuda') to run it on a GPU")
         if self._core is None:
             try:
                 offsets = _core.tile_offsets(self.rows, self.cols, self.group_rows, self.depth)
@@ -83,18 +90,50 @@ class PackedLinear:
                 raise FormatError(f"packed layer is corrupt: {e}") from None
         return self._core
 
+    def cpu_layout(self):
+        """The CPU tiling of a layer stored as W (core/include/cvxq/cpu_layout.hpp: the same
+        index bits, columns grouped by depth, one word per row holding 32/B indices), built
+        once; the AVX2 product reads it."""
+        if self.transposed:
+            raise ValueError("the CPU tiling is for layers stored as W; this one is stored as W^T")
+        if self._cpu is None:
+            try:
+                self._cpu = self.core().cpu_layout()
+            except (_core.FormatError, _core.CoreValueError) as e:
+                raise FormatError(f"packed layer is corrupt: {e}") from None
+        return self._cpu
+
+    def keep_only_cpu_layout(self) -> None:
+        """Builds the CPU tiling and releases the packed payload, which the tiling holds
+        again: products and dequantization read the tiling (bit for bit the same weights),
+        to_tensors re-packs the payload from it, and the layer can no longer be put on a GPU.
+        For the CPU runtime."""
+        self.cpu_layout()
+        self._payload_nbytes = self.payload.nbytes
+        self.payload = None
+        self._core = None
+
     def dequantize(self) -> np.ndarray:
         """Dense float32 [out_features, in_features]."""
+        if self._cpu is not None:
+            return self._cpu.dequantize()
         w = self.core().dequantize()
         return np.ascontiguousarray(w.T) if self.transposed else w
 
     def matmul(self, x: np.ndarray) -> np.ndarray:
-        """x [batch, in_features] -> [batch, out_features], straight from the packed data."""
+        """x [batch, in_features] -> [batch, out_features], straight from the packed data
+        (through the CPU tiling for layers stored as W)."""
         if self.transposed:
             return x @ self.dequantize().T
-        return self.core().matmul(x)
+        return self.cpu_layout().matmul(x)
 
     # --- disk ----------------------------------------------------------------------------
+    def packed_payload(self) -> np.ndarray:
+        """The payload; re-packed from the CPU tiling's indices when it was released."""
+        if self.payload is not None:
+            return self.payload
+        return _core.pack(self.rows, self.cols, self.group_rows, self.depth, self._cpu.unpack())[1]
+
     def to_tensors(self, prefix: str) -> dict[str, np.ndarray]:
         flat = self.depth.reshape(-1)
         uniform = bool(flat.size) and bool((flat == flat[0]).all())
@@ -104,7 +143,7 @@ class PackedLinear:
         t = {
             f"{prefix}.cvxq.meta": meta,
             f"{prefix}.cvxq.depth": flat[:1].copy() if uniform else _core.pack_nibbles(flat),
-            f"{prefix}.cvxq.payload": self.payload,
+            f"{prefix}.cvxq.payload": self.packed_payload(),
             f"{prefix}.cvxq.loc": self.loc.view(np.float16),
             f"{prefix}.cvxq.scale": self.scale.view(np.float16),
         }
@@ -118,6 +157,10 @@ class PackedLinear:
         return t
 
     def nbytes(self) -> int:
+        """Bytes of the layer's tensors in the file."""
+        if self.payload is None:
+            held = dataclasses.replace(self, payload=np.zeros(0, np.uint32))
+            return held.nbytes() + self._payload_nbytes
         return sum(a.nbytes for a in self.to_tensors("x").values())
 
     @classmethod

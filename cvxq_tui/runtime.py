@@ -15,6 +15,10 @@ from .packed import MODEL_FILE, PackedLinear, read_model_file
 # Up to this many rows of activations, the packed kernels decode weights on the fly; above
 # it one dense copy of this layer's weights is made for the product and dropped at once.
 KERNEL_MAX_BATCH = 16
+# The same on the CPU (the tiled AVX2 kernel): measured on 2 cores at 64 rows it still beat
+# dequantizing + torch's fp32 product on 4096x4096 (15 vs 21 ms) and was within 15% on the
+# default model's 576-wide layers; torch's AVX-512 GEMM wins on larger batches.
+CPU_KERNEL_MAX_BATCH = 64
 
 
 class CudaPacked:
@@ -84,9 +88,10 @@ def units_per_job(rows: int, cols: int, sms: int) -> int:
 
 
 class QuantLinear(torch.nn.Module):
-    """A Linear whose weight is the packed layer: on the CPU the core's AVX2 kernels, on a
-    GPU the CUDA kernels, both decoding the packed data on the fly for up to
-    KERNEL_MAX_BATCH rows (larger batches decode this one layer transiently)."""
+    """A Linear whose weight is the packed layer: on the CPU the core's AVX2 kernels on the
+    CPU tiling (up to CPU_KERNEL_MAX_BATCH rows), on a GPU the CUDA kernels (up to
+    KERNEL_MAX_BATCH rows), both decoding the weights on the fly; larger batches decode this
+    one layer transiently."""
 
     def __init__(self, packed: PackedLinear):
         super().__init__()
@@ -119,7 +124,7 @@ class QuantLinear(torch.nn.Module):
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def _forward_cpu(self, x2: torch.Tensor) -> torch.Tensor:
-        if x2.shape[0] <= KERNEL_MAX_BATCH and not self.packed.transposed:
+        if x2.shape[0] <= CPU_KERNEL_MAX_BATCH and not self.packed.transposed:
             y = torch.from_numpy(self.packed.matmul(x2.detach().numpy()))
         else:
             w = torch.from_numpy(self.packed.dequantize())
@@ -214,7 +219,12 @@ def load_quantized(folder, device: str = "cpu"):
         if left:
             raise FormatError(f"{folder}: weights missing from {MODEL_FILE}: {left[:3]}")
     model.eval()
-    if device != "cpu":
+    if device == "cpu":
+        # The CPU tiling replaces the packed payload in memory (it holds the same bits).
+        for mod in model.modules():
+            if isinstance(mod, QuantLinear) and not mod.packed.transposed:
+                mod.packed.keep_only_cpu_layout()
+    else:
         model.to(device)
         for mod in model.modules():
             if isinstance(mod, QuantLinear):

@@ -191,6 +191,10 @@ detail::MatmulBlockFn matmul_kernel() {
 
 }  // namespace
 
+void detail::decode_slice_indices(const uint32_t* words, int bits, uint8_t* idx32) {
+  decode_slice(words, bits, idx32);
+}
+
 Geometry make_geometry(int64_t rows, int64_t cols, int64_t group_rows) {
   if (rows < 1 || cols < 1)
     throw ShapeError("packed layer: rows and cols must be >= 1, got " + s(rows) + " x " +

@@ -47,6 +47,9 @@ void unpack_nibbles(const uint8_t* in, int64_t n, uint8_t* depth /* [n] */);
 // Shared by packed.cpp and the per-ISA kernel files; not part of the public API.
 namespace detail {
 
+// The 32 indices (bytes) of one group's slice from its `bits` plane words.
+void decode_slice_indices(const uint32_t* words, int bits, uint8_t* idx32);
+
 // One (cluster, column tile) block of a validated layer, resolved so that a kernel only
 // streams words: where each column's group starts, its depth, its table and parameters.
 struct TileBlock {

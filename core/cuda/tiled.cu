@@ -170,6 +170,22 @@ __device__ __forceinline__ void load_words(const uint32_t* __restrict__ pw, int 
   }
 }
 
+// Adds a warp's accumulated rows to y for vector b: lane (g, t) holds rows
+// row0 + 32 s + 4 g + i (s < NS, i < 4) of vector b; value(s, i) is what to add.
+template <int NS, class V>
+__device__ __forceinline__ void add_rows(const TParams& p, float* __restrict__ y, int b, int row0, int g, V&& value) {
+#pragma unroll
+  for (int s = 0; s < NS; ++s)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = row0 + s * 32 + 4 * g + i;
+      if (row < p.rows) {
+        const int orig = p.perm ? __ldg(p.perm + row) : row;
+        atomicAdd(y + (int64_t)b * p.rows + orig, value(s, i));
+      }
+    }
+}
+
 template <int B, int NS, int NT>
 __device__ void run_rows(const TParams& p, int ja, int jb, const float* __restrict__ x, int nb, float* __restrict__ y,
                          const char* sm, int lane) {
@@ -291,16 +307,7 @@ __device__ void run_rows(const TParams& p, int ja, int jb, const float* __restri
     const float ls = __shfl_sync(kFull, lsum[nt], 8 * t);  // vector t + 4 nt lives on lane 8 t
     const int b = t + 4 * nt;
     if (b >= nb) continue;
-#pragma unroll
-    for (int s = 0; s < NS; ++s)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = row0 + s * 32 + 4 * g + i;
-        if (row < p.rows) {
-          const int orig = p.perm ? __ldg(p.perm + row) : row;
-          atomicAdd(y + (int64_t)b * p.rows + orig, acc[s][nt][i] + ls);
-        }
-      }
+    add_rows<NS>(p, y, b, row0, g, [&](int s, int i) { return acc[s][nt][i] + ls; });
   }
 }
 
@@ -533,16 +540,7 @@ __device__ void run_fast(const TParams& p, const uint4 job, int U, const float* 
     float lsb = ls[0];
 #pragma unroll
     for (int c = 1; c < NB; ++c) lsb = b == c ? ls[c] : lsb;
-#pragma unroll
-    for (int s = 0; s < 4; ++s)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = row0 + s * 32 + 4 * g + i;
-        if (row < p.rows) {
-          const int orig = p.perm ? __ldg(p.perm + row) : row;
-          atomicAdd(y + (int64_t)b * p.rows + orig, acc[nt][s][i] + lsb);
-        }
-      }
+    add_rows<4>(p, y, b, row0, g, [&](int s, int i) { return acc[nt][s][i] + lsb; });
   }
 }
 

@@ -19,11 +19,11 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import cvxq_tui  # noqa: E402
-
 _dev = os.environ.get("CVXQ_DEV_CORE_DIR")
-if _dev:
+if _dev:  # a hand-made build (cmake -B build/NAME) of this checkout, with its sources
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    import cvxq_tui
+
     cvxq_tui.__path__.insert(0, os.path.abspath(_dev))
 from cvxq_tui import _core  # noqa: E402
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if os.environ.get("CVXQ_DEV_CORE_DIR"):  # a core built by hand (cmake -B build/...), as in tests/conftest.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # with this checkout's sources
     import cvxq_tui
 
     cvxq_tui.__path__.insert(0, os.path.abspath(os.environ["CVXQ_DEV_CORE_DIR"]))

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-if os.environ.get("CVXQ_DEV_CORE_DIR"):
+if os.environ.get("CVXQ_DEV_CORE_DIR"):  # a core built by hand, with this checkout's sources
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import cvxq_tui
 
     cvxq_tui.__path__.insert(0, os.path.abspath(os.environ["CVXQ_DEV_CORE_DIR"]))

@@ -19,6 +19,10 @@ KERNEL_MAX_BATCH = 16
 # dequantizing + torch's fp32 product on 4096x4096 (15 vs 21 ms) and was within 15% on the
 # default model's 576-wide layers; torch's AVX-512 GEMM wins on larger batches.
 CPU_KERNEL_MAX_BATCH = 64
+# Job size of the GPU tiling, in units of 1024 weights. Small jobs (one batch of the decode
+# path) let the kernel give every warp an even share of a layer in one wave; a warp streams
+# consecutive jobs of the same rows as one run, so small jobs cost no restarts.
+GPU_UNITS_PER_JOB = 4
 
 
 class CudaPacked:
@@ -37,8 +41,7 @@ class CudaPacked:
 
         self.tiled = not packed.transposed
         if self.tiled:
-            sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-            lay = core.gpu_layout(units_per_job=units_per_job(packed.rows, packed.cols, sms))
+            lay = core.gpu_layout(units_per_job=GPU_UNITS_PER_JOB)
             self.args = dict(
                 rows=packed.rows, cols=packed.cols, payload=put(lay["payload"], np.int32),
                 jobs=put(lay["jobs"], np.int32), records=put(lay["records"], np.int32),
@@ -78,13 +81,6 @@ class CudaPacked:
         else:
             _core.cuda_dequantize(**self.args, out=out, stream=self._stream())
         return out
-
-
-def units_per_job(rows: int, cols: int, sms: int) -> int:
-    """Job size for the GPU tiling, in units of 1024 weights. Small jobs (one batch of the
-    decode path) let the kernel give every warp an even share of a layer in one wave; a
-    warp streams consecutive jobs of the same rows as one run, so small jobs cost no restarts."""
-    return 4
 
 
 class QuantLinear(torch.nn.Module):

@@ -33,15 +33,18 @@ if os.environ.get("CVXQ_DEV_CORE_DIR"):  # a core built by hand (cmake -B build/
 SHAPES = [(12288, 49152), (8192, 28672), (4096, 4096), (4096, 11008), (11008, 4096)]  # (out, in)
 
 
-def _gpu_layer(out_f, in_f, bits, group_rows, rng, torch, _core):
+def _gpu_layer(out_f, in_f, bits, group_rows, rng, torch, _core, zero_frac=0.0):
     """A random packed layer with mixed depths, put on the GPU as load_quantized puts it
-    (CudaPacked: the GPU tiling). Returns (CudaPacked, bytes it reads per product, mean depth,
-    file bytes of the packed layer)."""
+    (CudaPacked: the GPU tiling); zero_frac of its groups at depth 0, as real layers have a
+    few percent. Returns (CudaPacked, bytes it reads per product, mean depth, file bytes of
+    the packed layer)."""
     from cvxq_tui.packed import PackedLinear
     from cvxq_tui.runtime import CudaPacked
 
     g = _core.geometry(out_f, in_f, group_rows)
     depth = (bits + rng.choice(np.array([-1, 0, 0, 1], dtype=np.int64), size=(g["n_clusters"], in_f))).astype(np.uint8)
+    if zero_frac > 0:
+        depth[rng.random(depth.shape) < zero_frac] = 0
     offsets = _core.tile_offsets(out_f, in_f, group_rows, depth)
     words = int(offsets[-1])
     payload = rng.integers(0, 2**32, size=words, dtype=np.uint32)
@@ -123,7 +126,8 @@ def gpu(args):
             us16 = _time_cuda(torch, [lambda i=i: torch.nn.functional.linear(xs16[i % 4], ws[i % n_w]) for i in range(max(n_w, 8))])
             bw16 = (w16_bytes + batch * (in_f + out_f) * 2) / (us16 * 1e-6)
             for bits in args.bits:
-                gpu, nbytes, mean_depth, file_bytes = _gpu_layer(out_f, in_f, bits, args.group_rows, rng, torch, _core)
+                gpu, nbytes, mean_depth, file_bytes = _gpu_layer(out_f, in_f, bits, args.group_rows, rng, torch, _core,
+                                                                 args.zero_frac)
                 n_q = max(1, -(-4 * l2 // nbytes))
                 layers = [gpu.args] + [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in gpu.args.items()}
                                        for _ in range(n_q - 1)]
@@ -272,6 +276,8 @@ def main():
     g.add_argument("--group-rows", type=int, default=128)
     g.add_argument("--quick", action="store_true", help="one shape only")
     g.add_argument("--shapes", nargs="+", help="OUTxIN shapes instead of the standard set")
+    g.add_argument("--zero-frac", type=float, default=0.0,
+                   help="fraction of groups at depth 0 (real layers: a few percent; default 0)")
     c = sub.add_parser("cpu")
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--model-dir", help="a cvxq-tui output folder for the decode benchmark")

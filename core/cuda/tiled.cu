@@ -16,11 +16,12 @@
 // vectors. loc * x is summed apart in fp32 and added to every row of the job.
 //
 // Two product kernels share that scheme. tiled_fast_kernel runs the segments of 4-slice
-// chunks (128-row groups, nearly all of a CVXQ layer) for up to 8 vectors and is built for
-// instruction count: x * scale made once per record and handed out through shared memory,
-// lookups of one LOP3 on a static table, no bounds checks (padded payload). The general
-// tiled_matmul_kernel runs everything else (depth 0, 1- and 2-slice chunks, 9..16 vectors).
-// Both give each warp an even share of a segment's jobs, in one wave of blocks.
+// chunks (128-row groups, nearly all of a CVXQ layer, depth-0 columns included) for up to 8
+// vectors and is built for instruction count: x * scale made once per record and handed out
+// through shared memory, lookups of one LOP3 on a static table, no bounds checks (padded
+// payload), sums gathered in per-warp windows of y in shared memory. The general
+// tiled_matmul_kernel runs everything else (1- and 2-slice chunks, 9..16 vectors). Both give
+// each warp an even share of a segment's jobs, in one wave of blocks.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -369,7 +370,8 @@ __device__ __forceinline__ void for_each_run(const TParams& p, int j0, int j1, B
   }
 }
 
-// The decode path for up to 8 vectors and 128-row chunks (NS = 4), every depth 1..8: nearly
+// The decode path for up to 8 vectors and 128-row chunks (NS = 4), every depth 1..8 (depth 0:
+// run_fast_loc): nearly
 // every weight of a CVXQ layer with the default groups. A run of jobs is one stream of units
 // (gpu_layout.hpp: contiguous payload and records). Per batch of 4 units (32 records) each
 // lane loads one record and x at its column and makes x * scale once, in the forms the
@@ -623,6 +625,48 @@ __global__ void __launch_bounds__(kWarps * 32, 2) tiled_matmul_kernel(TParams p,
   }
 }
 
+// Depth-0 columns of 128-row chunks: each weight of column c in the chunk is
+// loc + scale * T0[0], so a run adds sum_c x[c] (loc + scale * T0[0]) to each of its rows:
+// records and x only, no payload, no MMA. (Real layers have a few percent of such groups,
+// mostly in attention projections; in the general kernel they cost a second launch.)
+template <int NB>
+__device__ void run_fast_loc(const TParams& p, const uint4 job, int U, const float* __restrict__ x, int nb,
+                             float* __restrict__ y, float* win, int base, int lane) {
+  constexpr int NT = NB > 4 ? 2 : 1;
+  const float t0 = __ldg(p.table);
+  const uint2* __restrict__ rp = p.records + job.y + lane;
+  const int R = 8 * U;
+  float ls[NB];
+#pragma unroll
+  for (int b = 0; b < NB; ++b) ls[b] = 0.f;
+  auto load_rec = [&](int r) { return r + lane < R ? stream_load(rp + r) : make_uint2(kEmpty, 0u); };
+  uint2 rn = load_rec(0);
+  for (int r = 0; r < R; r += 32) {
+    const uint2 rc = rn;
+    rn = load_rec(r + 32);
+    if (rc.x != kEmpty) {
+      const float l = h2f(rc.y >> 16) + h2f(rc.y & 0xffff) * t0;
+#pragma unroll
+      for (int b = 0; b < NB; ++b)
+        if (b == 0 || b < nb) ls[b] = fmaf(__ldg(x + (size_t)b * p.cols + rc.x), l, ls[b]);
+    }
+  }
+#pragma unroll
+  for (int o = 16; o; o >>= 1)
+#pragma unroll
+    for (int b = 0; b < NB; ++b) ls[b] += __shfl_xor_sync(kFull, ls[b], o);
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int b = t + 4 * nt;
+    if (b >= nb) continue;
+    float lsb = ls[0];
+#pragma unroll
+    for (int c = 1; c < NB; ++c) lsb = b == c ? ls[c] : lsb;
+    add_window<NB>(p, y, win, base, b, (int)job.z, g, [&](int, int) { return lsb; });
+  }
+}
+
 template <int B, int NB>
 __device__ void run_fast_item(const TParams& p, int j0, int j1, const float* x, int nb, float* y, char* dyn) {
   constexpr int WR = win_rows<NB>(), PER = (WR + kWarps * 32 - 1) / (kWarps * 32);
@@ -644,9 +688,13 @@ __device__ void run_fast_item(const TParams& p, int j0, int j1, const float* x, 
       p, j0, j1,
       [&] {
         for (int i = lane; i < NB * WR; i += 32) win[i] = 0.f;
-        fill_table<B>(p, reinterpret_cast<char*>(fast_table));  // ends in __syncthreads
+        __syncwarp();
+        fill_table<B>(p, reinterpret_cast<char*>(fast_table));  // ends in __syncthreads (B > 0)
       },
-      [&](int, int, const uint4& job, int units) { run_fast<B, NB>(p, job, units, x, nb, y, xsb, win, base, lane); });
+      [&](int, int, const uint4& job, int units) {
+        if constexpr (B == 0) run_fast_loc<NB>(p, job, units, x, nb, y, win, base, lane);
+        else run_fast<B, NB>(p, job, units, x, nb, y, xsb, win, base, lane);
+      });
   if constexpr (NB > 4) load_orig();
   __syncthreads();
 #pragma unroll
@@ -661,15 +709,16 @@ __device__ void run_fast_item(const TParams& p, int j0, int j1, const float* x, 
     }
 }
 
-// Segments (depth 1..8, NS = 4) for up to NB vectors: its own kernel, so that its smaller
+// Segments (depth 0..8, NS = 4) for up to NB vectors: its own kernel, so that its smaller
 // register footprint buys more resident warps. Dynamic shared memory: the warps' x * scale
-// forms.
+// forms and y windows.
 template <int NB>
 __global__ void __launch_bounds__(kWarps * 32, 2)
     tiled_fast_kernel(TParams p, const float* __restrict__ x, int nb, float* __restrict__ y) {
   extern __shared__ __align__(16) char dyn[];
   int j0, j1;
   switch (block_segment(p, j0, j1) / 3) {
+    case 0: run_fast_item<0, NB>(p, j0, j1, x, nb, y, dyn); break;
     case 1: run_fast_item<1, NB>(p, j0, j1, x, nb, y, dyn); break;
     case 2: run_fast_item<2, NB>(p, j0, j1, x, nb, y, dyn); break;
     case 3: run_fast_item<3, NB>(p, j0, j1, x, nb, y, dyn); break;
@@ -681,7 +730,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
   }
 }
 
-constexpr bool fast_segment(int s) { return s % 3 == 0 && s >= 3; }
+constexpr bool fast_segment(int s) { return s % 3 == 0; }  // 128-row chunks, depth 0..8
 
 // Dense W from the tiling: one warp per job, values loc + scale * T[k] with the float32
 // table, rounded as the CPU rounds them (no fused multiply-add).
@@ -798,8 +847,9 @@ void launch_fast(TParams p, const float* x, int nb, float* y, cudaStream_t st) {
   check(cudaGetLastError(), "tiled matmul kernel launch");
 }
 
-// Up to 8 vectors: the fast kernel for its segments, the general one for the rest (depth 0,
-// chunks of 1 or 2 slices); 9..16 vectors: the general kernel alone.
+// Up to 8 vectors: the fast kernel for its segments, the general one for the rest (chunks of
+// 1 or 2 slices; not launched for layers with 128-row groups); 9..16 vectors: the general
+// kernel alone.
 void launch_tiled(const DeviceTiled& L, const float* x, int nb, float* y, cudaStream_t st) {
   const TParams p = make_tparams(L);
   if (nb > 8) {

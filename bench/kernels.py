@@ -283,8 +283,8 @@ def main():
     c.add_argument("--model-dir", help="a cvxq-tui output folder for the decode benchmark")
     c.add_argument("--steps", type=int, default=64)
     c.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    c.add_argument("--group-rows", type=int, default=64, help="rows per group of the random layers (64: the "
-                   "numbers in bench/results/kernels_cpu.txt; the pipeline's default is 128)")
+    c.add_argument("--group-rows", type=int, default=128, help="rows per group of the random layers (default "
+                   "128, the pipeline's; bench/results/kernels_cpu.txt also has 64)")
     a = ap.parse_args()
     gpu(a) if a.what == "gpu" else cpu(a)
 

@@ -370,15 +370,14 @@ __device__ __forceinline__ void for_each_run(const TParams& p, int j0, int j1, B
   }
 }
 
-// The decode path for up to 8 vectors and 128-row chunks (NS = 4), every depth 1..8 (depth 0:
-// run_fast_loc): nearly
-// every weight of a CVXQ layer with the default groups. A run of jobs is one stream of units
-// (gpu_layout.hpp: contiguous payload and records). Per batch of 4 units (32 records) each
-// lane loads one record and x at its column and makes x * scale once, in the forms the
-// MMA's B operand takes (vector b in the low or high half: form 2 b + e); the lanes that
-// feed a column read their form from shared memory, instead of every lane loading and
-// converting its two records per unit. Loads run ahead: records two batches, x one batch,
-// payload words D units. Units past the end of the run (up to 3, to
+// The decode path for up to 8 vectors and 128-row chunks (NS = 4), every depth 1..8 (depth 0
+// has run_fast_loc): nearly every weight of a CVXQ layer with the default groups. A run of
+// jobs is one stream of units (gpu_layout.hpp: contiguous payload and records). Per batch of
+// 4 units (32 records) each lane loads one record and x at its column and makes x * scale
+// once, in the forms the MMA's B operand takes (vector b in the low or high half: form
+// 2 b + e); the lanes that feed a column read their form from shared memory, instead of
+// every lane loading and converting its two records per unit. Loads run ahead: records two
+// batches, x one batch, payload words D units. Units past the end of the run (up to 3, to
 // finish the last batch) decode whatever words follow (the payload is padded,
 // gpu_layout.hpp) against x * scale = 0 from their missing records, so they add exactly
 // nothing and the loop needs no bounds checks.

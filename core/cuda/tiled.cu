@@ -26,7 +26,9 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <string>
+#include <type_traits>
 
 #include "common.cuh"
 #include "cvxq/cuda.hpp"
@@ -464,6 +466,31 @@ __device__ __forceinline__ void add_window(const TParams& p, float* __restrict__
     for (int i = 0; i < 4; ++i) w[s * 32 + i] = v[s][i];
 }
 
+// The end of a fast-kernel run: loc * x of its columns (ls, per vector) summed over the
+// warp, plus acc(nt, s, i) (the MMA sums; nullptr: none), added to each of its rows once.
+template <int NB, class Acc>
+__device__ __forceinline__ void flush_run(const TParams& p, float* __restrict__ y, float* win, int base, int row0,
+                                          int nb, int lane, float (&ls)[NB], Acc&& acc) {
+  constexpr int NT = NB > 4 ? 2 : 1;
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int o = 16; o; o >>= 1)
+#pragma unroll
+    for (int b = 0; b < NB; ++b) ls[b] += __shfl_xor_sync(kFull, ls[b], o);
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int b = t + 4 * nt;  // this lane's vector in D
+    if (b >= nb) continue;
+    float lsb = ls[0];
+#pragma unroll
+    for (int c = 1; c < NB; ++c) lsb = b == c ? ls[c] : lsb;
+    add_window<NB>(p, y, win, base, b, row0, g, [&](int s, int i) {
+      if constexpr (std::is_same_v<std::decay_t<Acc>, std::nullptr_t>) return lsb;
+      else return acc(nt, s, i) + lsb;
+    });
+  }
+}
+
 template <int B, int NB>
 __device__ void run_fast(const TParams& p, const uint4 job, int U, const float* __restrict__ x, int nb,
                          float* __restrict__ y, uint32_t* xsb, float* win, int base, int lane) {
@@ -559,21 +586,7 @@ __device__ void run_fast(const TParams& p, const uint4 job, int U, const float* 
     for (int b = 0; b < NB; ++b) xq[b] = xn[b];
   }
 
-  // loc * x of the run's columns, summed over the warp, added to each row once.
-#pragma unroll
-  for (int o = 16; o; o >>= 1)
-#pragma unroll
-    for (int b = 0; b < NB; ++b) ls[b] += __shfl_xor_sync(kFull, ls[b], o);
-  const int row0 = (int)job.z;
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int b = t + 4 * nt;  // this lane's vector in D
-    if (b >= nb) continue;
-    float lsb = ls[0];
-#pragma unroll
-    for (int c = 1; c < NB; ++c) lsb = b == c ? ls[c] : lsb;
-    add_window<NB>(p, y, win, base, b, row0, g, [&](int s, int i) { return acc[nt][s][i] + lsb; });
-  }
+  flush_run<NB>(p, y, win, base, (int)job.z, nb, lane, ls, [&](int nt, int s, int i) { return acc[nt][s][i]; });
 }
 
 // Segment of this block and its item's jobs [j0, j1).
@@ -631,7 +644,6 @@ __global__ void __launch_bounds__(kWarps * 32, 2) tiled_matmul_kernel(TParams p,
 template <int NB>
 __device__ void run_fast_loc(const TParams& p, const uint4 job, int U, const float* __restrict__ x, int nb,
                              float* __restrict__ y, float* win, int base, int lane) {
-  constexpr int NT = NB > 4 ? 2 : 1;
   const float t0 = __ldg(p.table);
   const uint2* __restrict__ rp = p.records + job.y + lane;
   const int R = 8 * U;
@@ -650,20 +662,7 @@ __device__ void run_fast_loc(const TParams& p, const uint4 job, int U, const flo
         if (b == 0 || b < nb) ls[b] = fmaf(__ldg(x + (size_t)b * p.cols + rc.x), l, ls[b]);
     }
   }
-#pragma unroll
-  for (int o = 16; o; o >>= 1)
-#pragma unroll
-    for (int b = 0; b < NB; ++b) ls[b] += __shfl_xor_sync(kFull, ls[b], o);
-  const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int b = t + 4 * nt;
-    if (b >= nb) continue;
-    float lsb = ls[0];
-#pragma unroll
-    for (int c = 1; c < NB; ++c) lsb = b == c ? ls[c] : lsb;
-    add_window<NB>(p, y, win, base, b, (int)job.z, g, [&](int, int) { return lsb; });
-  }
+  flush_run<NB>(p, y, win, base, (int)job.z, nb, lane, ls, nullptr);
 }
 
 template <int B, int NB>

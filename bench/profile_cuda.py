@@ -1,5 +1,6 @@
 """One launch of the packed GEMV on a big layer, for a profiler (ncu) to look at.
-    ncu --kernel-name regex:tiled_ --launch-skip 2 --launch-count 1 python bench/profile_cuda.py"""
+    ncu --kernel-name regex:tiled_ --launch-skip 2 --launch-count 1 python bench/profile_cuda.py
+(tools/device_profile.sh runs it and exports the report as text)"""
 import os
 import sys
 from pathlib import Path

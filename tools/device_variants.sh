@@ -18,11 +18,11 @@ echo "builds: $(( $(date +%s) - t0 )) s"
 if [ -n "${TEST:-}" ]; then
   for i in $TEST; do
     echo "== tests, variant $i (${VS[$i]})"
-    CVXQ_DEV_CORE_DIR=build/v$i/cvxq_tui python3 -m pytest -q -x --tb=short tests/test_cuda.py 2>&1 | grep -E "Error|assert|passed|failed" | tail -8
+    CVXQ_DEV_CORE_DIR=build/v$i/cvxq_tui timeout ${STEP_TIMEOUT:-300} python3 -m pytest -q -x --tb=short tests/test_cuda.py 2>&1 | grep -E "Error|assert|passed|failed" | tail -8
   done
 fi
 for i in "${!VS[@]}"; do
   echo "== bench, variant $i (${VS[$i]})"
-  CVXQ_DEV_CORE_DIR=build/v$i/cvxq_tui python3 bench/kernels.py gpu ${BENCH:-} 2>&1 | grep -v "^measured\|^device"
-  [ -n "${BREAKDOWN:-}" ] && CVXQ_DEV_CORE_DIR=build/v$i/cvxq_tui python3 bench/gpu_breakdown.py $BREAKDOWN
+  CVXQ_DEV_CORE_DIR=build/v$i/cvxq_tui timeout ${STEP_TIMEOUT:-300} python3 bench/kernels.py gpu ${BENCH:-} 2>&1 | grep -v "^measured\|^device"
+  [ -n "${BREAKDOWN:-}" ] && CVXQ_DEV_CORE_DIR=build/v$i/cvxq_tui timeout ${STEP_TIMEOUT:-300} python3 bench/gpu_breakdown.py $BREAKDOWN
 done

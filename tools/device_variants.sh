@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# On a GPU machine: build variants of the CUDA core side by side (build/v0, build/v1, ...),
-# each with its own CMAKE_CUDA_FLAGS, in parallel; then bench each on the same shapes.
+# On a GPU machine: build variants of the core side by side (build/v0, build/v1, ...), each
+# with its own flags (CUDA and C++: a macro may change the host-built layout too), in
+# parallel; then bench each on the same shapes.
 #   VARIANTS="-DX=0;-DX=1" BENCH="--shapes 4096x4096 --bits 3 --batches 1" [TEST="1 2" (variants to test)] [BREAKDOWN="gpu_breakdown.py options"] bash tools/device_variants.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +10,7 @@ export PYTHONUNBUFFERED=1
 IFS=';' read -ra VS <<< "${VARIANTS:-}"
 t0=$(date +%s)
 for i in "${!VS[@]}"; do
-  ( cmake -S . -B build/v$i -G Ninja -DCVXQ_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 "-DCMAKE_CUDA_FLAGS=${VS[$i]}" \
+  ( cmake -S . -B build/v$i -G Ninja -DCVXQ_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 "-DCMAKE_CUDA_FLAGS=${VS[$i]}" "-DCMAKE_CXX_FLAGS=${VS[$i]}" \
       -DPython_EXECUTABLE="$(command -v python3)" > "$OUT/build$i.log" 2>&1 && ninja -C build/v$i >> "$OUT/build$i.log" 2>&1 \
     || { echo "variant $i (${VS[$i]}) failed to build"; tail -30 "$OUT/build$i.log"; } ) &
 done

@@ -121,20 +121,6 @@ __device__ __forceinline__ void decode_mma(const uint32_t (&w)[B], int m, const 
   }
 }
 
-// decode_mma for depths 1..4 with the table at shared-window address smb: an explicit
-// shared load of smb + address, which the compiler folds into the load's uniform base.
-template <int B>
-__device__ __forceinline__ void decode_pairs(const uint32_t (&w)[B], int m, uint32_t smb, uint32_t lane4,
-                                             uint32_t (&a)[4]) {
-  static_assert(B >= 1 && B <= gpu::kPairDepths, "pair tables only");
-#pragma unroll
-  for (int f = 0; f < 4; ++f) {
-    const int P = 2 * B * (4 * m + f);
-    const uint32_t addr = and_or(shifted<B>(w, P, 2 * B, 7), ((1u << (2 * B)) - 1) << 7, lane4);
-    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(a[f]) : "r"(smb + addr));
-  }
-}
-
 template <int BPU, int NT>
 struct Unit {
   uint2 r[BPU][2];     // records of columns t and t + 4 of each block

@@ -783,11 +783,12 @@ int resident_blocks(K kernel, int smem) {
   return sms * std::max(per_sm, 1);
 }
 
-// Relative time of a job of depth d (a few units): the product is bound by shared-memory
-// wavefronts (Nsight Compute on an H200, 12288 x 49152, 3 bits: the L1 data pipe at 69%,
-// everything else lower), about 16 table lookups per unit at depths 1..4 (pair tables), 32
-// at depths 5..8 (two single lookups per pair), plus d payload words and ~5 for records,
-// x and forms. Depth 0 reads records and x only.
+// Relative time of a job of depth d (a few units), counted in L1 data-pipe wavefronts per
+// unit, the busiest unit of the product (Nsight Compute on an H200, 12288 x 49152, 3 bits:
+// 69%; issue slots and the ALU pipe are close behind, bench/results/gpu_profile_h200.txt):
+// 16 table lookups at depths 1..4 (pair tables), 32 at depths 5..8 (two single lookups per
+// pair), plus d payload words and ~5 for records, x and forms. Depth 0 reads records and x
+// only.
 // Measured on an H200 (same run, equal job counts before): 12288 x 49152 at 4 bits (a
 // quarter of groups at depth 5) 141.6 -> 112.1 us, 8192 x 28672 57.4 -> 47.9 us.
 constexpr int job_cost(int d) { return d == 0 ? 3 : d <= gpu::kPairDepths ? 21 + d : 37 + d; }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine: build variants of the core side by side (build/v0, build/v1, ...), each
-# with its own flags (CUDA and C++: a macro may change the host-built layout too), in
-# parallel; then bench each on the same shapes.
+# with its own flags, in parallel; then bench each on the same shapes. The flags go to both
+# nvcc and the C++ compiler (a macro may change the host-built layout too), so use -D macros.
 #   VARIANTS="-DX=0;-DX=1" BENCH="--shapes 4096x4096 --bits 3 --batches 1" [TEST="1 2" (variants to test)] [BREAKDOWN="gpu_breakdown.py options"] bash tools/device_variants.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -11,7 +11,8 @@ import sys
 
 
 def main(path: str) -> None:
-    rows = list(csv.reader(open(path, newline="")))
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
     if len(rows) < 3:
         sys.exit(f"{path}: no source page in this file (was the profile run?)")
     hdr, data = rows[1], rows[2:]

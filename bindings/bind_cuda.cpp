@@ -114,6 +114,18 @@ cuda::DeviceTiled device_tiled(const TiledArgs& a) {
 }  // namespace
 
 void bind_cuda(nb::module_& m) {
+#ifdef CVXQ_PHASES
+  m.def(
+      "cuda_debug_phases",
+      [](bool reset) {
+        std::vector<uint64_t> v(8192 * 16);
+        cuda::debug_phases(v.data(), reset);
+        nb::list out;
+        for (uint64_t e : v) out.append(e);
+        return out;
+      },
+      nb::arg("reset") = true, "Dev instrumentation (-DCVXQ_PHASES): 8192 x 16 phase stamps, flat.");
+#endif
 #ifdef CVXQ_WITH_CUDA
   static nb::exception<cuda::DeviceError> device_exc(m, "CudaError", PyExc_RuntimeError);
   m.def("cuda_available", [] { return cuda::available(); },

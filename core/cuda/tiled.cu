@@ -43,6 +43,28 @@ constexpr int kWarps = 8;
 constexpr uint32_t kEmpty = 0xffffffffu;
 constexpr int kTableMax = 32768;  // shared bytes of the largest table (depth 4 pairs)
 
+#ifdef CVXQ_PHASES
+// Dev instrumentation (tools/phases.py): per warp of the fast kernel, %globaltimer at its
+// start and end, and SM clock cycles since its start at each phase.
+constexpr int kPhaseWarps = 8192, kPhases = 16;
+__device__ unsigned long long g_phases[kPhaseWarps][kPhases];
+__device__ __forceinline__ unsigned long long gtimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
+}
+#define PHASE(k)                                                                   \
+  do {                                                                             \
+    const int pw_ = blockIdx.x * kWarps + (threadIdx.x >> 5);                      \
+    if ((threadIdx.x & 31) == 0 && pw_ < kPhaseWarps && g_phases[pw_][k] == 0)    \
+      g_phases[pw_][k] = k == 0 || k == 7 ? gtimer() : clock64() - phase_c0;       \
+  } while (0)
+#else
+#define PHASE(k) \
+  do {           \
+  } while (0)
+#endif
+
 
 struct TParams {
   const uint32_t* payload;
@@ -327,6 +349,28 @@ __device__ __forceinline__ void fill_table(const TParams& p, char* sm) {
   }
 }
 
+// The fast kernel's table fill: one global load per entry per block (into `stage`, >= 1 KB of
+// shared memory), then the 32 copies from there with 16-byte stores. (fill_table loads every
+// copy from global memory: 32 times the requests, all blocks at once on the same few lines.)
+template <int B>
+__device__ __forceinline__ void fill_table_fast(const TParams& p, char* sm, uint32_t* stage) {
+  if constexpr (B > 0) {
+    constexpr bool pairs = B <= gpu::kPairDepths;
+    constexpr int entries = pairs ? 1 << (2 * B) : 1 << B;  // <= 256
+    if (threadIdx.x < entries)
+      stage[threadIdx.x] = pairs ? __ldg(p.pairs + gpu::pair_offset(B) + threadIdx.x)
+                                 : (uint32_t)__ldg(p.singles + table_offset(B) + threadIdx.x) * 0x10001u;
+    __syncthreads();
+    constexpr int per_entry = pairs ? 8 : 4;  // 16-byte stores per entry: 32 copies of 4 or 2 bytes
+#pragma unroll
+    for (int i = threadIdx.x; i < entries * per_entry; i += kWarps * 32) {
+      const uint32_t v = stage[i / per_entry];
+      reinterpret_cast<uint4*>(sm)[i] = make_uint4(v, v, v, v);
+    }
+    __syncthreads();
+  }
+}
+
 // The block's item: jobs [j0, j1) of segment `seg`. Each warp takes a contiguous share of
 // them and runs them in runs of equal rows (row0 grows along the job list), accumulating a
 // run in registers and adding it to y once: jobs adding straight into the same rows
@@ -479,7 +523,8 @@ __device__ __forceinline__ void flush_run(const TParams& p, float* __restrict__ 
 
 template <int B, int NB>
 __device__ void run_fast(const TParams& p, const uint4 job, int U, const float* __restrict__ x, int nb,
-                         float* __restrict__ y, uint32_t* xsb, float* win, int base, int lane) {
+                         float* __restrict__ y, uint32_t* xsb, float* win, int base, int lane,
+                         long long phase_c0 = 0) {
   // Payload words load D units ahead. Measured on an H200 (12288 x 49152, 3 bits): D = 4
   // with 16 warps per SM beat D = 2 with 24 (98.8 against 102.6 us); an L2 prefetch 4 or 8
   // batches ahead gained nothing (100.4 us without, 114 us at 8).
@@ -542,6 +587,13 @@ __device__ void run_fast(const TParams& p, const uint4 job, int U, const float* 
         ls[b] = fmaf(xq[b], lc, ls[b]);
       }
       __syncwarp();
+#ifdef CVXQ_PHASES
+      if (q == 0) {
+        __syncwarp();
+        PHASE(2);  // the first batch's records and x are here
+      }
+      if (q == 1) PHASE(3);  // the first batch computed (its MMAs issued)
+#endif
     }
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
@@ -653,6 +705,19 @@ __device__ void run_fast_loc(const TParams& p, const uint4 job, int U, const flo
 
 template <int B, int NB>
 __device__ void run_fast_item(const TParams& p, int j0, int j1, const float* x, int nb, float* y, char* dyn) {
+#ifdef CVXQ_PHASES
+  const long long phase_c0 = clock64();
+  PHASE(0);
+  if ((threadIdx.x & 31) == 0 && blockIdx.x * kWarps + (threadIdx.x >> 5) < kPhaseWarps) {
+    unsigned smid;
+    asm("mov.u32 %0, %smid;" : "=r"(smid));
+    g_phases[blockIdx.x * kWarps + (threadIdx.x >> 5)][8] = B;
+    g_phases[blockIdx.x * kWarps + (threadIdx.x >> 5)][9] = smid;
+  }
+  int phase_units = 0, phase_runs = 0;
+#else
+  constexpr long long phase_c0 = 0;
+#endif
   constexpr int WR = win_rows<NB>(), PER = (WR + kWarps * 32 - 1) / (kWarps * 32);
   const int lane = threadIdx.x & 31;
   uint32_t* xsb = reinterpret_cast<uint32_t*>(dyn) + (threadIdx.x >> 5) * xs_words<NB>();
@@ -667,20 +732,31 @@ __device__ void run_fast_item(const TParams& p, int j0, int j1, const float* x, 
       orig[k] = r < WR && row < p.rows ? (p.perm ? __ldg(p.perm + row) : row) : -1;
     }
   };
-  if constexpr (NB <= 4) load_orig();  // early, off the end's critical path (8 vectors: no registers to spare)
   for_each_run(
       p, j0, j1,
       [&] {
         for (int i = lane; i < NB * WR; i += 32) win[i] = 0.f;
         __syncwarp();
-        fill_table<B>(p, reinterpret_cast<char*>(fast_table));  // ends in __syncthreads (B > 0)
+        // ends in __syncthreads (B > 0); the forms' memory (dyn) is free until the runs start
+        fill_table_fast<B>(p, reinterpret_cast<char*>(fast_table), reinterpret_cast<uint32_t*>(dyn));
+        PHASE(1);
+        // Output rows of the windows, for the end: loaded here, off the end's critical path,
+        // and not before the table fill, whose loads would then wait out base's load (8
+        // vectors: no registers to spare, loaded at the end).
+        if constexpr (NB <= 4) load_orig();
       },
       [&](int, int, const uint4& job, int units) {
+#ifdef CVXQ_PHASES
+        phase_units += units;
+        phase_runs += 1;
+#endif
         if constexpr (B == 0) run_fast_loc<NB>(p, job, units, x, nb, y, win, base, lane);
-        else run_fast<B, NB>(p, job, units, x, nb, y, xsb, win, base, lane);
+        else run_fast<B, NB>(p, job, units, x, nb, y, xsb, win, base, lane, phase_c0);
       });
+  PHASE(4);
   if constexpr (NB > 4) load_orig();
   __syncthreads();
+  PHASE(5);
 #pragma unroll
   for (int k = 0; k < PER; ++k)
 #pragma unroll
@@ -691,6 +767,14 @@ __device__ void run_fast_item(const TParams& p, int j0, int j1, const float* x, 
       for (int w = 0; w < kWarps; ++w) v += wins[(w * NB + b) * WR + threadIdx.x + k * kWarps * 32];
       if (v != 0.f) atomicAdd(y + (int64_t)b * p.rows + orig[k], v);
     }
+  PHASE(6);
+  PHASE(7);
+#ifdef CVXQ_PHASES
+  if ((threadIdx.x & 31) == 0 && blockIdx.x * kWarps + (threadIdx.x >> 5) < kPhaseWarps) {
+    g_phases[blockIdx.x * kWarps + (threadIdx.x >> 5)][10] = phase_units;
+    g_phases[blockIdx.x * kWarps + (threadIdx.x >> 5)][11] = phase_runs;
+  }
+#endif
 }
 
 // Segments (depth 0..8, NS = 4) for up to NB vectors: its own kernel, so that its smaller
@@ -869,6 +953,16 @@ void tiled_matmul(const DeviceTiled& L, const float* x, int64_t n, float* y, voi
     launch_tiled(L, xb, nb, yb, st);
   }
 }
+
+#ifdef CVXQ_PHASES
+void debug_phases(uint64_t* out, bool reset) {
+  check(cudaMemcpyFromSymbol(out, g_phases, sizeof(g_phases)), "phases");
+  if (reset) {
+    static unsigned long long zero[kPhaseWarps][kPhases];
+    check(cudaMemcpyToSymbol(g_phases, zero, sizeof(zero)), "phases");
+  }
+}
+#endif
 
 void tiled_dequantize(const DeviceTiled& L, void* out, bool half_out, void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);

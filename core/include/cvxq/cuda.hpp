@@ -66,6 +66,13 @@ struct DeviceTiled {
 // plus loc * x in float32. Any n >= 1 (chunks of 16 vectors).
 void tiled_matmul(const DeviceTiled& layer, const float* x, int64_t n, float* y, void* stream);
 
+#ifdef CVXQ_PHASES
+// Dev instrumentation of the fast kernel (built with -DCVXQ_PHASES, tools/phases.py): copies
+// 8192 x 16 values out (per warp: globaltimer at start and end, clock cycles at each phase)
+// and optionally clears them.
+void debug_phases(uint64_t* out, bool reset);
+#endif
+
 // Dense S [rows, cols] (original row order) from the tiling, exactly as dequantize() rounds.
 void tiled_dequantize(const DeviceTiled& layer, void* out, bool half_out, void* stream);
 

@@ -32,9 +32,8 @@ def main():
     for sh in a.shapes:
         out_f, in_f = (int(v) for v in sh.split("x"))
         gpu, nbytes, _, _ = kernels._gpu_layer(out_f, in_f, a.bits, 128, rng, torch, _core)
-        n_q = max(1, -(-4 * l2 // nbytes))
-        layers = [gpu.args] + [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in gpu.args.items()}
-                               for _ in range(n_q - 1)]
+        layers = kernels._rotated_copies(gpu.args, nbytes, l2)
+        n_q = len(layers)
         xs = [torch.randn(a.batch, in_f, device="cuda") for _ in range(4)]
         ys = [torch.zeros(a.batch, out_f, device="cuda") for _ in range(4)]
         tiny = torch.zeros(1, device="cuda")

@@ -56,6 +56,16 @@ def _gpu_layer(out_f, in_f, bits, group_rows, rng, torch, _core, zero_frac=0.0):
     return gpu, gpu.nbytes(), float(depth.mean()), p.nbytes()
 
 
+def _rotated_copies(args, nbytes, l2):
+    """The layer's GPU arguments plus clones, enough that the copies together pass 4x the L2
+    cache: timing them in turn reads every product's weights from device memory."""
+    import torch
+
+    n_q = max(1, -(-4 * l2 // nbytes))
+    return [args] + [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+                     for _ in range(n_q - 1)]
+
+
 def _time_cuda(torch, fns, reps=30, warmup=3):
     """Median microseconds of one call, from CUDA-event timings of a captured CUDA graph that
     makes each call of fns once (so host overhead and launch gaps stay out of the numbers)."""
@@ -128,9 +138,8 @@ def gpu(args):
             for bits in args.bits:
                 gpu, nbytes, mean_depth, file_bytes = _gpu_layer(out_f, in_f, bits, args.group_rows, rng, torch, _core,
                                                                  args.zero_frac)
-                n_q = max(1, -(-4 * l2 // nbytes))
-                layers = [gpu.args] + [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in gpu.args.items()}
-                                       for _ in range(n_q - 1)]
+                layers = _rotated_copies(gpu.args, nbytes, l2)
+                n_q = len(layers)
                 xs = [torch.randn(batch, in_f, device="cuda") for _ in range(4)]
                 ys = [torch.zeros(batch, out_f, device="cuda") for _ in range(4)]
 

@@ -73,9 +73,8 @@ out_f, in_f = (int(v) for v in shape.split("x"))
 rng = np.random.default_rng(0)
 l2 = torch.cuda.get_device_properties(0).L2_cache_size
 gpu, nbytes, _, _ = kernels._gpu_layer(out_f, in_f, bits, 128, rng, torch, _core)
-n_q = max(1, -(-4 * l2 // nbytes))
-layers = [gpu.args] + [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in gpu.args.items()}
-                       for _ in range(n_q - 1)]
+layers = kernels._rotated_copies(gpu.args, nbytes, l2)
+n_q = len(layers)
 x = torch.randn(batch, in_f, device="cuda")
 y = torch.zeros(batch, out_f, device="cuda")
 reps = []

@@ -66,20 +66,23 @@ class CudaPacked:
     def _stream(self) -> int:
         return torch.cuda.current_stream(self.device).cuda_stream
 
+    def _launch(self, fn, **kw) -> None:
+        """Runs a core kernel launch with this layer's GPU current: the core launches on the
+        current device, on this GPU's stream."""
+        if self.device.index is None or self.device.index == torch.cuda.current_device():
+            fn(**self.args, **kw, stream=self._stream())
+        else:
+            with torch.cuda.device(self.device):
+                fn(**self.args, **kw, stream=self._stream())
+
     def matmul_(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y += W^ x for float32 x [n, in_features], y [n, out_features] on this GPU."""
-        if self.tiled:
-            _core.cuda_tiled_matmul(**self.args, x=x, y=y, stream=self._stream())
-        else:
-            _core.cuda_matmul(**self.args, x=x, y=y, stream=self._stream())
+        self._launch(_core.cuda_tiled_matmul if self.tiled else _core.cuda_matmul, x=x, y=y)
         return y
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         out = torch.empty(self.shape, dtype=dtype, device=self.device)
-        if self.tiled:
-            _core.cuda_tiled_dequantize(**self.args, out=out, stream=self._stream())
-        else:
-            _core.cuda_dequantize(**self.args, out=out, stream=self._stream())
+        self._launch(_core.cuda_tiled_dequantize if self.tiled else _core.cuda_dequantize, out=out)
         return out
 
 

@@ -164,3 +164,21 @@ def test_quant_linear_runs_on_the_gpu_for_small_and_large_batches():
         assert rel_err(got, want) < (2e-3 if n <= 16 else 2e-5), n  # float16 products up to 16 rows
         cpu = q(x).reshape(-1, p.out_features).numpy()
         assert rel_err(cpu, want) < 2e-5, n
+
+
+@pytest.mark.skipif(not HAVE_GPU or torch.cuda.device_count() < 2, reason="needs two NVIDIA GPUs")
+@pytest.mark.parametrize("transposed", [False, True])
+def test_layers_on_a_second_gpu_run_while_the_first_is_current(transposed):
+    # Launch settings (the fast kernel's shared-memory opt-in) are per device, and the launch
+    # must happen on the layer's GPU whichever GPU is current.
+    layer, _ = random_layer(512, 384, 64, seed=5, max_depth=5)
+    p = packed_from(layer, transposed)
+    x = np.random.default_rng(2).standard_normal((3, p.in_features)).astype(np.float32)
+    want = reference(p, x)
+    for dev in (1, 0, 1):
+        torch.cuda.set_device(0)
+        g = CudaPacked(p, f"cuda:{dev}")
+        y = g.matmul_(torch.from_numpy(x).to(f"cuda:{dev}"), torch.zeros(3, p.out_features, device=f"cuda:{dev}"))
+        assert y.device.index == dev
+        assert rel_err(y.cpu().numpy(), want) < 2e-3, dev
+        assert np.array_equal(g.dequantize().cpu().numpy(), p.dequantize().reshape(g.shape))

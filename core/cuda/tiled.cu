@@ -26,6 +26,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstddef>
 #include <string>
 #include <type_traits>
@@ -901,9 +902,27 @@ int plan_items(TParams& p, int resident, Take take) {
   return blocks;
 }
 
+// A kernel's launch settings on the current device, found on its first launch there:
+// cudaFuncSetAttribute applies to the current device only, and the occupancy depends on the
+// device. compute() is idempotent, so two threads racing on a first launch is harmless.
+constexpr int kMaxDevices = 64;
+template <class F>
+int per_device(std::atomic<int> (&cache)[kMaxDevices], F&& compute) {
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  if (dev < 0 || dev >= kMaxDevices) return compute();
+  int v = cache[dev].load(std::memory_order_acquire);
+  if (v == 0) {
+    v = compute();
+    cache[dev].store(v, std::memory_order_release);
+  }
+  return v;
+}
+
 template <int NT>
 void launch_general(TParams p, const float* x, int nb, float* y, bool skip_fast, cudaStream_t st) {
-  static const int resident = resident_blocks(tiled_matmul_kernel<NT>, kTableMax);
+  static std::atomic<int> cache[kMaxDevices];
+  const int resident = per_device(cache, [] { return resident_blocks(tiled_matmul_kernel<NT>, kTableMax); });
   const int blocks = plan_items(p, resident, [&](int s) { return !(skip_fast && fast_segment(s)); });
   if (blocks == 0) return;
   tiled_matmul_kernel<NT><<<blocks, kWarps * 32, kTableMax, st>>>(p, x, nb, y);
@@ -913,12 +932,13 @@ void launch_general(TParams p, const float* x, int nb, float* y, bool skip_fast,
 template <int NB>
 void launch_fast(TParams p, const float* x, int nb, float* y, cudaStream_t st) {
   constexpr int smem = kWarps * (xs_words<NB>() + NB * win_rows<NB>()) * 4;
-  static const int resident = [] {
-    // static table + dynamic forms may pass the default 48 KB per block
+  static std::atomic<int> cache[kMaxDevices];
+  const int resident = per_device(cache, [] {
+    // static table + dynamic forms pass the default 48 KB per block
     check(cudaFuncSetAttribute(tiled_fast_kernel<NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
           "cudaFuncSetAttribute");
     return resident_blocks(tiled_fast_kernel<NB>, smem);
-  }();
+  });
   const int blocks = plan_items(p, resident, [](int s) { return fast_segment(s); });
   if (blocks == 0) return;
   tiled_fast_kernel<NB><<<blocks, kWarps * 32, smem, st>>>(p, x, nb, y);

@@ -42,11 +42,6 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr uint32_t kEmpty = 0xffffffffu;
-// Where a warp's first run fills the table (experiment): 0 before its first loads, 1 after
-// issuing its payload and records loads, 2 also after its x loads.
-#ifndef CVXQ_HOIST
-#define CVXQ_HOIST 0
-#endif
 constexpr int kTableMax = 32768;  // shared bytes of the largest table (depth 4 pairs)
 
 #ifdef CVXQ_PHASES
@@ -355,12 +350,8 @@ __device__ __forceinline__ void fill_table(const TParams& p, char* sm, uint32_t*
 // The block's item: jobs [j0, j1) of segment `seg`. Each warp takes a contiguous share of
 // them and runs them in runs of equal rows (row0 grows along the job list), accumulating a
 // run in registers and adding it to y once: jobs adding straight into the same rows
-// serialised in L2's atomic units. f(first job, end job, its first job's record, units of
-// the run, first, before) runs one.
-//
-// Defer: a warp's first run (f's `first`) calls before() (f's last argument) itself, once its
-// first loads are in flight; for_each_run calls it only for a warp without runs.
-template <bool Defer = false, class Before, class F>
+// serialised in L2's atomic units. f(first job, end job, units of the run) runs one.
+template <class Before, class F>
 __device__ __forceinline__ void for_each_run(const TParams& p, int j0, int j1, Before&& before, F&& f) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int n_item = j1 - j0;
@@ -369,8 +360,7 @@ __device__ __forceinline__ void for_each_run(const TParams& p, int j0, int j1, B
   // first load is in flight while before() (the table fill) runs.
   auto load = [&](int c) { return c + lane < wb ? __ldg(p.jobs + c + lane) : make_uint4(0u, 0u, kEmpty, 0u); };
   uint4 mine = load(wa);
-  if (!Defer || wa >= wb) before();
-  bool first = true;
+  before();
   for (int c = wa; c < wb; c += 32) {
     if (c > wa) mine = load(c);
     const int n = min(32, wb - c);
@@ -383,9 +373,7 @@ __device__ __forceinline__ void for_each_run(const TParams& p, int j0, int j1, B
       const int units = (int)__reduce_add_sync(kFull, lane >= a && lane < b ? mine.w & 0xffff : 0u);
       const uint4 job = make_uint4(__shfl_sync(kFull, mine.x, a), __shfl_sync(kFull, mine.y, a),
                                    __shfl_sync(kFull, mine.z, a), __shfl_sync(kFull, mine.w, a));
-      if constexpr (Defer) f(c + a, c + b, job, units, first, before);
-      else f(c + a, c + b, job, units, false, [] {});
-      first = false;
+      f(c + a, c + b, job, units);
     }
   }
 }
@@ -509,10 +497,10 @@ __device__ __forceinline__ void flush_run(const TParams& p, float* __restrict__ 
   }
 }
 
-template <int B, int NB, class Before>
+template <int B, int NB>
 __device__ void run_fast(const TParams& p, const uint4 job, int U, const float* __restrict__ x, int nb,
-                         float* __restrict__ y, uint32_t* xsb, float* win, int base, int lane, bool first,
-                         Before&& before, long long phase_c0 = 0) {
+                         float* __restrict__ y, uint32_t* xsb, float* win, int base, int lane,
+                         long long phase_c0 = 0) {
   // Payload words load D units ahead. Measured on an H200 (12288 x 49152, 3 bits): D = 4
   // with 16 warps per SM beat D = 2 with 24 (98.8 against 102.6 us); an L2 prefetch 4 or 8
   // batches ahead gained nothing (100.4 us without, 114 us at 8).
@@ -558,14 +546,8 @@ __device__ void run_fast(const TParams& p, const uint4 job, int U, const float* 
 #pragma unroll
     for (int i = 0; i < B; ++i) w[k][i] = stream_load(pw + (k * B + i) * 32);
   uint2 rq = load_rec(0), rn = load_rec(1);
-#if CVXQ_HOIST == 1
-  if (first) before();  // the table fill, while this run's first payload and records fly
-#endif
   float xq[NB];
   load_x(rq, xq);
-#if CVXQ_HOIST == 2
-  if (first) before();  // the table fill, while this run's first payload, records and x fly
-#endif
   for (int q = 0; q < nq; ++q) {
     const uint2 rnn = load_rec(q + 2);
     float xn[NB];
@@ -636,7 +618,7 @@ __device__ void run_item(const TParams& p, int j0, int j1, const float* x, int n
   const int lane = threadIdx.x & 31;
   for_each_run(
       p, j0, j1, [&] { fill_table<B>(p, sm, reinterpret_cast<uint32_t*>(sm + kTableMax)); },
-      [&](int ja, int jb, const uint4&, int, bool, auto&&) { run_rows<B, NS, NT>(p, ja, jb, x, nb, y, sm, lane); });
+      [&](int ja, int jb, const uint4&, int) { run_rows<B, NS, NT>(p, ja, jb, x, nb, y, sm, lane); });
 }
 
 template <int B, int NT>
@@ -673,10 +655,9 @@ __global__ void __launch_bounds__(kWarps * 32, 2) tiled_matmul_kernel(TParams p,
 // loc + scale * T0[0], so a run adds sum_c x[c] (loc + scale * T0[0]) to each of its rows:
 // records and x only, no payload, no MMA. (Real layers have a few percent of such groups,
 // mostly in attention projections; in the general kernel they cost a second launch.)
-template <int NB, class Before>
+template <int NB>
 __device__ void run_fast_loc(const TParams& p, const uint4 job, int U, const float* __restrict__ x, int nb,
-                             float* __restrict__ y, float* win, int base, int lane, bool first, Before&& before) {
-  if (first) before();
+                             float* __restrict__ y, float* win, int base, int lane) {
   const float t0 = __ldg(p.table);
   const uint2* __restrict__ rp = p.records + job.y + lane;
   const int R = 8 * U;
@@ -727,7 +708,7 @@ __device__ void run_fast_item(const TParams& p, int j0, int j1, const float* x, 
       orig[k] = r < WR && row < p.rows ? (p.perm ? __ldg(p.perm + row) : row) : -1;
     }
   };
-  for_each_run<(CVXQ_HOIST != 0 && NB <= 4)>(
+  for_each_run(
       p, j0, j1,
       [&] {
         for (int i = lane; i < NB * WR; i += 32) win[i] = 0.f;
@@ -740,13 +721,13 @@ __device__ void run_fast_item(const TParams& p, int j0, int j1, const float* x, 
         // vectors: no registers to spare, loaded at the end).
         if constexpr (NB <= 4) load_orig();
       },
-      [&](int, int, const uint4& job, int units, bool first, auto&& before) {
+      [&](int, int, const uint4& job, int units) {
 #ifdef CVXQ_PHASES
         phase_units += units;
         phase_runs += 1;
 #endif
-        if constexpr (B == 0) run_fast_loc<NB>(p, job, units, x, nb, y, win, base, lane, first, before);
-        else run_fast<B, NB>(p, job, units, x, nb, y, xsb, win, base, lane, first, before, phase_c0);
+        if constexpr (B == 0) run_fast_loc<NB>(p, job, units, x, nb, y, win, base, lane);
+        else run_fast<B, NB>(p, job, units, x, nb, y, xsb, win, base, lane, phase_c0);
       });
   PHASE(4);
   if constexpr (NB > 4) load_orig();
@@ -934,10 +915,7 @@ void launch_fast(TParams p, const float* x, int nb, float* y, cudaStream_t st) {
           "cudaFuncSetAttribute");
     return resident_blocks(tiled_fast_kernel<NB>, smem);
   });
-#ifndef CVXQ_WAVES8
-#define CVXQ_WAVES8 1
-#endif
-  const int blocks = plan_items(p, resident * (NB > 4 ? CVXQ_WAVES8 : 1), [](int s) { return fast_segment(s); });
+  const int blocks = plan_items(p, resident, [](int s) { return fast_segment(s); });
   if (blocks == 0) return;
   tiled_fast_kernel<NB><<<blocks, kWarps * 32, smem, st>>>(p, x, nb, y);
   check(cudaGetLastError(), "tiled matmul kernel launch");

@@ -942,8 +942,11 @@ void launch_tiled(const DeviceTiled& L, const float* x, int nb, float* y, cudaSt
 
 void tiled_matmul(const DeviceTiled& L, const float* x, int64_t n, float* y, void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  for (int64_t b0 = 0; b0 < n; b0 += 16) {
-    const int nb = (int)std::min<int64_t>(16, n - b0);
+#ifndef CVXQ_CHUNK
+#define CVXQ_CHUNK 8
+#endif
+  for (int64_t b0 = 0; b0 < n; b0 += CVXQ_CHUNK) {
+    const int nb = (int)std::min<int64_t>(CVXQ_CHUNK, n - b0);
     const float* xb = x + b0 * L.cols;
     float* yb = y + b0 * L.rows;
     launch_tiled(L, xb, nb, yb, st);

@@ -450,7 +450,10 @@ __device__ __forceinline__ void decode_fast(const uint32_t (&w)[B], int m, uint3
 // instead of 92.8. (A block-wide window with shared atomics, CAS loops on floats, was slower
 // on the large layers; so was filling the table by cp.async while the first loads fly.)
 template <int NB>
-constexpr int win_rows() { return NB == 1 ? 512 : NB <= 4 ? 256 : 128; }  // 16..32 KB per block
+#ifndef CVXQ_WR4
+#define CVXQ_WR4 256
+#endif
+constexpr int win_rows() { return NB == 1 ? 512 : NB <= 4 ? CVXQ_WR4 : 128; }  // 16..32 KB per block
 
 template <int NB, class V>
 __device__ __forceinline__ void add_window(const TParams& p, float* __restrict__ y, float* win, int base, int b,

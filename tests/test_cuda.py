@@ -84,6 +84,7 @@ CASES = [  # rows, cols, group_rows, max depth
     (1, 1, 32, 0), (33, 5, 32, 8), (300, 80, 96, 8), (64, 1000, 64, 3), (1000, 33, 256, 8),
     (576, 1536, 64, 8), (1536, 576, 128, 4), (4096, 256, 64, 2),
     (16384, 16, 128, 8),  # few columns: blocks span more rows than the fast kernel's y windows
+    (2048, 2048, 128, 4),  # some blocks (and warps) straddle two row chunks
 ]
 
 

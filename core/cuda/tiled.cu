@@ -698,18 +698,35 @@ __device__ void run_fast_item(const TParams& p, int j0, int j1, const float* x, 
   constexpr long long phase_c0 = 0;
 #endif
   constexpr int WR = win_rows<NB>(), PER = (WR + kWarps * 32 - 1) / (kWarps * 32);
-  const int lane = threadIdx.x & 31;
-  uint32_t* xsb = reinterpret_cast<uint32_t*>(dyn) + (threadIdx.x >> 5) * xs_words<NB>();
+  // 8 vectors: each warp's window starts at its own first row chunk (wbase), not the
+  // block's: at 128 rows a window holds one chunk, and the block's later chunks had 17-48%
+  // of the units of Llama-sized layers adding straight into y (simulated on the job lists;
+  // 4 vectors with such windows took 35% longer on an H200). The block end then sums over
+  // [base, base + span): every warp's window is in it.
+  constexpr bool kWarpBase = NB > 4;
+  constexpr int PER_END = kWarpBase ? 2 : PER;  // rows per thread preloaded for the end
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  uint32_t* xsb = reinterpret_cast<uint32_t*>(dyn) + warp * xs_words<NB>();
   float* const wins = reinterpret_cast<float*>(dyn) + kWarps * xs_words<NB>();
-  float* const win = wins + (threadIdx.x >> 5) * NB * WR;  // this warp's
+  float* const win = wins + warp * NB * WR;  // this warp's
   const int base = (int)__ldg(&p.jobs[j0].z);
-  int orig[PER];  // output rows of this thread's window rows
+  __shared__ int wbases[kWarps];
+  int wbase = base;
+  if constexpr (kWarpBase) {
+    const int wa = j0 + (j1 - j0) * warp / kWarps, wb = j0 + (j1 - j0) * (warp + 1) / kWarps;
+    if (wa < wb) wbase = (int)__ldg(&p.jobs[wa].z);
+    if (lane == 0) wbases[warp] = wbase;
+  }
+  int orig[PER_END];  // output rows of this thread's window rows
+  int span = WR;      // rows [base, base + span) hold every window
+  auto orig_row = [&](int r) {
+    const int row = base + r;
+    return r < span && row < p.rows ? (p.perm ? __ldg(p.perm + row) : row) : -1;
+  };
   auto load_orig = [&] {
+    if constexpr (kWarpBase) span = (int)__ldg(&p.jobs[j1 - 1].z) - base + WR;  // >= the last wbase's
 #pragma unroll
-    for (int k = 0; k < PER; ++k) {
-      const int r = threadIdx.x + k * kWarps * 32, row = base + r;
-      orig[k] = r < WR && row < p.rows ? (p.perm ? __ldg(p.perm + row) : row) : -1;
-    }
+    for (int k = 0; k < PER_END; ++k) orig[k] = orig_row(threadIdx.x + k * kWarps * 32);
   };
   for_each_run(
       p, j0, j1,
@@ -729,23 +746,46 @@ __device__ void run_fast_item(const TParams& p, int j0, int j1, const float* x, 
         phase_units += units;
         phase_runs += 1;
 #endif
-        if constexpr (B == 0) run_fast_loc<NB>(p, job, units, x, nb, y, win, base, lane);
-        else run_fast<B, NB>(p, job, units, x, nb, y, xsb, win, base, lane, phase_c0);
+        if constexpr (B == 0) run_fast_loc<NB>(p, job, units, x, nb, y, win, wbase, lane);
+        else run_fast<B, NB>(p, job, units, x, nb, y, xsb, win, wbase, lane, phase_c0);
       });
   PHASE(4);
   if constexpr (NB > 4) load_orig();
   __syncthreads();
   PHASE(5);
+  if constexpr (kWarpBase) {
+    int off[kWarps];  // each warp's window start in the block's rows
 #pragma unroll
-  for (int k = 0; k < PER; ++k)
+    for (int w = 0; w < kWarps; ++w) off[w] = wbases[w] - base;
+    for (int k = 0; k * kWarps * 32 < span; ++k) {  // more than PER_END: rare, perm not preloaded
+      const int r = threadIdx.x + k * kWarps * 32;
+      int o = -1;
 #pragma unroll
-    for (int b = 0; b < NB; ++b) {
-      if (orig[k] < 0 || b >= nb) continue;
-      float v = 0.f;
+      for (int i = 0; i < PER_END; ++i) o = k == i ? orig[i] : o;
+      if (k >= PER_END) o = orig_row(r);
+      if (o < 0) continue;
 #pragma unroll
-      for (int w = 0; w < kWarps; ++w) v += wins[(w * NB + b) * WR + threadIdx.x + k * kWarps * 32];
-      if (v != 0.f) atomicAdd(y + (int64_t)b * p.rows + orig[k], v);
+      for (int b = 0; b < NB; ++b) {
+        if (b >= nb) continue;
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w)
+          if ((unsigned)(r - off[w]) < (unsigned)WR) v += wins[(w * NB + b) * WR + r - off[w]];
+        if (v != 0.f) atomicAdd(y + (int64_t)b * p.rows + o, v);
+      }
     }
+  } else {
+#pragma unroll
+    for (int k = 0; k < PER; ++k)
+#pragma unroll
+      for (int b = 0; b < NB; ++b) {
+        if (orig[k] < 0 || b >= nb) continue;
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) v += wins[(w * NB + b) * WR + threadIdx.x + k * kWarps * 32];
+        if (v != 0.f) atomicAdd(y + (int64_t)b * p.rows + orig[k], v);
+      }
+  }
   PHASE(6);
   PHASE(7);
 #ifdef CVXQ_PHASES

@@ -703,7 +703,10 @@ __device__ void run_fast_item(const TParams& p, int j0, int j1, const float* x, 
   // of the units of Llama-sized layers adding straight into y (simulated on the job lists;
   // 4 vectors with such windows took 35% longer on an H200). The block end then sums over
   // [base, base + span): every warp's window is in it.
-  constexpr bool kWarpBase = NB > 4;
+#ifndef CVXQ_WARPBASE
+#define CVXQ_WARPBASE 1
+#endif
+  constexpr bool kWarpBase = NB > 4 && CVXQ_WARPBASE;
   constexpr int PER_END = kWarpBase ? 2 : PER;  // rows per thread preloaded for the end
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   uint32_t* xsb = reinterpret_cast<uint32_t*>(dyn) + warp * xs_words<NB>();

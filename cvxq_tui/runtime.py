@@ -3,6 +3,8 @@ folder back into a transformers model, and exporting a plain dequantized checkpo
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 
 import numpy as np
@@ -69,11 +71,9 @@ class CudaPacked:
     def _launch(self, fn, **kw) -> None:
         """Runs a core kernel launch with this layer's GPU current: the core launches on the
         current device, on this GPU's stream."""
-        if self.device.index is None or self.device.index == torch.cuda.current_device():
+        elsewhere = self.device.index is not None and self.device.index != torch.cuda.current_device()
+        with torch.cuda.device(self.device) if elsewhere else contextlib.nullcontext():
             fn(**self.args, **kw, stream=self._stream())
-        else:
-            with torch.cuda.device(self.device):
-                fn(**self.args, **kw, stream=self._stream())
 
     def matmul_(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y += W^ x for float32 x [n, in_features], y [n, out_features] on this GPU."""

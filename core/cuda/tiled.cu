@@ -82,10 +82,6 @@ struct TParams {
   int item_end[27];   // blocks [item_end[s - 1], item_end[s]) run segment s
 };
 
-__host__ __device__ constexpr int table_bytes(int B) {
-  return B == 0 ? 0 : B <= gpu::kPairDepths ? (1 << (2 * B)) * 32 * 4 : (1 << B) * 32 * 2;
-}
-
 __device__ __forceinline__ float h2f(uint32_t bits) { return __half2float(__ushort_as_half((unsigned short)bits)); }
 
 __device__ __forceinline__ uint32_t pack_h2(float lo, float hi) {

@@ -15,13 +15,13 @@
 // 0 otherwise, so D[m][(b, e)] = y_b[row(m, e)]: one MMA covers 32 rows x 8 columns x 4
 // vectors. loc * x is summed apart in fp32 and added to every row of the job.
 //
-// Two product kernels share that scheme. tiled_fast_kernel runs the segments of 4-slice
-// chunks (128-row groups, nearly all of a CVXQ layer, depth-0 columns included) for up to 8
-// vectors and is built for instruction count: x * scale made once per record and handed out
+// Two product kernels share that scheme. tiled_fast_kernel runs the segments of 4- and
+// 2-slice chunks (128- and 64-row groups: nearly all of a CVXQ layer, depth-0 columns
+// included; one kernel per chunk size) for up to 8 vectors and is built for instruction count: x * scale made once per record and handed out
 // through shared memory, lookups of one LOP3 on a static table, no bounds checks (padded
 // payload), sums gathered in per-warp windows of y in shared memory; 9..16 vectors run it
-// per 8. The general tiled_matmul_kernel runs the 1- and 2-slice chunks (32- and 64-row
-// groups) for up to 16 vectors at once. Both give each warp an even share of a segment's
+// per 8. The general tiled_matmul_kernel runs the 1-slice chunks (32-row groups) for up to
+// 16 vectors at once. Both give each warp an even share of a segment's
 // jobs, in one wave of blocks.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -375,10 +375,10 @@ __device__ __forceinline__ void for_each_run(const TParams& p, int j0, int j1, B
   }
 }
 
-// The decode path for up to 8 vectors and 128-row chunks (NS = 4), every depth 1..8 (depth 0
-// has run_fast_loc): nearly every weight of a CVXQ layer with the default groups. A run of
+// The decode path for up to 8 vectors and 128- or 64-row chunks (NS = 4, 2), every depth
+// 1..8 (depth 0 has run_fast_loc): nearly every weight of a CVXQ layer with the default groups. A run of
 // jobs is one stream of units (gpu_layout.hpp: contiguous payload and records). Per batch of
-// 4 units (32 records) each lane loads one record and x at its column and makes x * scale
+// 32 records (4 units at NS = 4) each lane loads one record and x at its column and makes x * scale
 // once, in the forms the MMA's B operand takes (vector b in the low or high half: form
 // 2 b + e); the lanes that feed a column read their form from shared memory, instead of
 // every lane loading and converting its two records per unit. Loads run ahead: records two
@@ -449,29 +449,29 @@ __device__ __forceinline__ void decode_fast(const uint32_t (&w)[B], int m, uint3
 template <int NB>
 constexpr int win_rows() { return NB == 1 ? 512 : NB <= 4 ? 256 : 128; }  // 16..32 KB per block
 
-template <int NB, class V>
+template <int NB, int NS, class V>
 __device__ __forceinline__ void add_window(const TParams& p, float* __restrict__ y, float* win, int base, int b,
                                            int row0, int g, V&& value) {
   constexpr int WR = win_rows<NB>();
-  if (row0 - base + 128 > WR) {
-    add_rows<4>(p, y, b, row0, g, value);
+  if (row0 - base + 32 * NS > WR) {
+    add_rows<NS>(p, y, b, row0, g, value);
     return;
   }
   float* w = win + b * WR + row0 - base + 4 * g;
-  float v[4][4];
+  float v[NS][4];
 #pragma unroll
-  for (int s = 0; s < 4; ++s)
+  for (int s = 0; s < NS; ++s)
 #pragma unroll
     for (int i = 0; i < 4; ++i) v[s][i] = w[s * 32 + i] + value(s, i);
 #pragma unroll
-  for (int s = 0; s < 4; ++s)
+  for (int s = 0; s < NS; ++s)
 #pragma unroll
     for (int i = 0; i < 4; ++i) w[s * 32 + i] = v[s][i];
 }
 
 // The end of a fast-kernel run: loc * x of its columns (ls, per vector) summed over the
 // warp, plus acc(nt, s, i) (the MMA sums; nullptr: none), added to each of its rows once.
-template <int NB, class Acc>
+template <int NB, int NS, class Acc>
 __device__ __forceinline__ void flush_run(const TParams& p, float* __restrict__ y, float* win, int base, int row0,
                                           int nb, int lane, float (&ls)[NB], Acc&& acc) {
   constexpr int NT = NB > 4 ? 2 : 1;
@@ -487,17 +487,22 @@ __device__ __forceinline__ void flush_run(const TParams& p, float* __restrict__ 
     float lsb = ls[0];
 #pragma unroll
     for (int c = 1; c < NB; ++c) lsb = b == c ? ls[c] : lsb;
-    add_window<NB>(p, y, win, base, b, row0, g, [&](int s, int i) {
+    add_window<NB, NS>(p, y, win, base, b, row0, g, [&](int s, int i) {
       if constexpr (std::is_same_v<std::decay_t<Acc>, std::nullptr_t>) return lsb;
       else return acc(nt, s, i) + lsb;
     });
   }
 }
 
-template <int B, int NB>
+// NS = 4 (128-row chunks): a unit is one block of 8 columns x 4 slices, a batch of 32
+// records 4 units. NS = 2 (64-row chunks): a unit is 2 blocks x 2 slices, a batch 2 units,
+// and the loop runs two batches per turn so that the payload ring keeps compile-time slots.
+template <int B, int NB, int NS>
 __device__ void run_fast(const TParams& p, const uint4 job, int U, const float* __restrict__ x, int nb,
                          float* __restrict__ y, uint32_t* xsb, float* win, int base, int lane,
                          long long phase_c0 = 0) {
+  static_assert(NS == 4 || NS == 2, "the fast kernel runs 4- and 2-slice chunks");
+  constexpr int UB = NS, BPU = 4 / NS;  // units per batch, blocks per unit
   // Payload words load D units ahead. Measured on an H200 (12288 x 49152, 3 bits): D = 4
   // with 16 warps per SM beat D = 2 with 24 (98.8 against 102.6 us); an L2 prefetch 4 or 8
   // batches ahead gained nothing (100.4 us without, 114 us at 8).
@@ -511,18 +516,18 @@ __device__ void run_fast(const TParams& p, const uint4 job, int U, const float* 
   const uint32_t smb = (uint32_t)__cvta_generic_to_shared(fast_table);
   const uint32_t* __restrict__ pw = p.payload + job.x + lane;
   const uint2* __restrict__ rp = p.records + job.y + lane;
-  const int R = 8 * U;
-  const int nq = (U + 3) >> 2;
+  const int R = 8 * BPU * U;
+  const int nq = UB == 4 ? (U + 3) >> 2 : (U + 1) >> 1;
   const uint32_t* xs_read[NT];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)  // vector g / 2 + 4 nt; lanes past NB read any form (unused)
     xs_read[nt] = xsb + (2 * min((g >> 1) + 4 * nt, NB - 1) + e) * kXsStride + t;
 
-  float acc[NT][4][4];
+  float acc[NT][NS][4];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-    for (int s = 0; s < 4; ++s)
+    for (int s = 0; s < NS; ++s)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[nt][s][i] = 0.f;
   float ls[NB];
@@ -545,7 +550,8 @@ __device__ void run_fast(const TParams& p, const uint4 job, int U, const float* 
   uint2 rq = load_rec(0), rn = load_rec(1);
   float xq[NB];
   load_x(rq, xq);
-  for (int q = 0; q < nq; ++q) {
+  // One batch; O: the payload ring slot of its first unit (compile time).
+  auto batch = [&](int q, auto O) {
     const uint2 rnn = load_rec(q + 2);
     float xn[NB];
     load_x(rn, xn);
@@ -569,35 +575,47 @@ __device__ void run_fast(const TParams& p, const uint4 job, int U, const float* 
 #endif
     }
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
+    for (int k = 0; k < UB; ++k) {
+      constexpr int o = decltype(O)::value;
       uint32_t wc[B];
 #pragma unroll
       for (int i = 0; i < B; ++i) {
-        wc[i] = w[k % D][i];
-        w[k % D][i] = stream_load(pw + ((k + D) * B + i) * 32);
+        wc[i] = w[(o + k) % D][i];
+        w[(o + k) % D][i] = stream_load(pw + ((k + D) * B + i) * 32);
       }
-      uint32_t bf[NT][2];
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        bf[nt][0] = xs_read[nt][8 * k];
-        bf[nt][1] = xs_read[nt][8 * k + 4];
+      for (int bk = 0; bk < BPU; ++bk) {
+        uint32_t bf[NT][2];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          bf[nt][0] = xs_read[nt][8 * (k * BPU + bk)];
+          bf[nt][1] = xs_read[nt][8 * (k * BPU + bk) + 4];
+        }
+        uint32_t a[NS][4];
+#pragma unroll
+        for (int s = 0; s < NS; ++s) decode_fast<B>(wc, bk * NS + s, smb, lane4, a[s]);
+#pragma unroll
+        for (int s = 0; s < NS; ++s)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) mma16816(acc[nt][s], a[s], bf[nt][0], bf[nt][1]);
       }
-      uint32_t a[4][4];
-#pragma unroll
-      for (int s = 0; s < 4; ++s) decode_fast<B>(wc, s, smb, lane4, a[s]);
-#pragma unroll
-      for (int s = 0; s < 4; ++s)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) mma16816(acc[nt][s], a[s], bf[nt][0], bf[nt][1]);
     }
-    pw += 4 * B * 32;
+    pw += UB * B * 32;
     rq = rn;
     rn = rnn;
 #pragma unroll
     for (int b = 0; b < NB; ++b) xq[b] = xn[b];
+  };
+  if constexpr (NS == 4) {
+    for (int q = 0; q < nq; ++q) batch(q, std::integral_constant<int, 0>());
+  } else {
+    for (int q = 0; q < nq; q += 2) {
+      batch(q, std::integral_constant<int, 0>());
+      if (q + 1 < nq) batch(q + 1, std::integral_constant<int, 2>());
+    }
   }
 
-  flush_run<NB>(p, y, win, base, (int)job.z, nb, lane, ls, [&](int nt, int s, int i) { return acc[nt][s][i]; });
+  flush_run<NB, NS>(p, y, win, base, (int)job.z, nb, lane, ls, [&](int nt, int s, int i) { return acc[nt][s][i]; });
 }
 
 // Segment of this block and its item's jobs [j0, j1).
@@ -648,16 +666,16 @@ __global__ void __launch_bounds__(kWarps * 32, 2) tiled_matmul_kernel(TParams p,
   }
 }
 
-// Depth-0 columns of 128-row chunks: each weight of column c in the chunk is
+// Depth-0 columns of 128- or 64-row chunks: each weight of column c in the chunk is
 // loc + scale * T0[0], so a run adds sum_c x[c] (loc + scale * T0[0]) to each of its rows:
 // records and x only, no payload, no MMA. (Real layers have a few percent of such groups,
 // mostly in attention projections; in the general kernel they cost a second launch.)
-template <int NB>
+template <int NB, int NS>
 __device__ void run_fast_loc(const TParams& p, const uint4 job, int U, const float* __restrict__ x, int nb,
                              float* __restrict__ y, float* win, int base, int lane) {
   const float t0 = __ldg(p.table);
   const uint2* __restrict__ rp = p.records + job.y + lane;
-  const int R = 8 * U;
+  const int R = 8 * U;  // depth 0: a unit is one block of 8 columns at any NS (gpu_layout)
   float ls[NB];
 #pragma unroll
   for (int b = 0; b < NB; ++b) ls[b] = 0.f;
@@ -673,10 +691,10 @@ __device__ void run_fast_loc(const TParams& p, const uint4 job, int U, const flo
         if (b == 0 || b < nb) ls[b] = fmaf(__ldg(x + (size_t)b * p.cols + rc.x), l, ls[b]);
     }
   }
-  flush_run<NB>(p, y, win, base, (int)job.z, nb, lane, ls, nullptr);
+  flush_run<NB, NS>(p, y, win, base, (int)job.z, nb, lane, ls, nullptr);
 }
 
-template <int B, int NB>
+template <int B, int NB, int NS>
 __device__ void run_fast_item(const TParams& p, int j0, int j1, const float* x, int nb, float* y, char* dyn) {
 #ifdef CVXQ_PHASES
   const long long phase_c0 = clock64();
@@ -742,8 +760,8 @@ __device__ void run_fast_item(const TParams& p, int j0, int j1, const float* x, 
         phase_units += units;
         phase_runs += 1;
 #endif
-        if constexpr (B == 0) run_fast_loc<NB>(p, job, units, x, nb, y, win, wbase, lane);
-        else run_fast<B, NB>(p, job, units, x, nb, y, xsb, win, wbase, lane, phase_c0);
+        if constexpr (B == 0) run_fast_loc<NB, NS>(p, job, units, x, nb, y, win, wbase, lane);
+        else run_fast<B, NB, NS>(p, job, units, x, nb, y, xsb, win, wbase, lane, phase_c0);
       });
   PHASE(4);
   if constexpr (NB > 4) load_orig();
@@ -792,28 +810,31 @@ __device__ void run_fast_item(const TParams& p, int j0, int j1, const float* x, 
 #endif
 }
 
-// Segments (depth 0..8, NS = 4) for up to NB vectors: its own kernel, so that its smaller
-// register footprint buys more resident warps. Dynamic shared memory: the warps' x * scale
-// forms and y windows.
-template <int NB>
+// Segments of NS-slice chunks (depth 0..8; NS = 4 or 2) for up to NB vectors: its own
+// kernel, so that its smaller register footprint buys more resident warps (and one per NS,
+// so that the 64-row path cannot cost the 128-row one registers). Dynamic shared memory: the
+// warps' x * scale forms and y windows.
+template <int NB, int NS>
 __global__ void __launch_bounds__(kWarps * 32, 2)
     tiled_fast_kernel(TParams p, const float* __restrict__ x, int nb, float* __restrict__ y) {
   extern __shared__ __align__(16) char dyn[];
   int j0, j1;
   switch (block_segment(p, j0, j1) / 3) {
-    case 0: run_fast_item<0, NB>(p, j0, j1, x, nb, y, dyn); break;
-    case 1: run_fast_item<1, NB>(p, j0, j1, x, nb, y, dyn); break;
-    case 2: run_fast_item<2, NB>(p, j0, j1, x, nb, y, dyn); break;
-    case 3: run_fast_item<3, NB>(p, j0, j1, x, nb, y, dyn); break;
-    case 4: run_fast_item<4, NB>(p, j0, j1, x, nb, y, dyn); break;
-    case 5: run_fast_item<5, NB>(p, j0, j1, x, nb, y, dyn); break;
-    case 6: run_fast_item<6, NB>(p, j0, j1, x, nb, y, dyn); break;
-    case 7: run_fast_item<7, NB>(p, j0, j1, x, nb, y, dyn); break;
-    default: run_fast_item<8, NB>(p, j0, j1, x, nb, y, dyn); break;
+    case 0: run_fast_item<0, NB, NS>(p, j0, j1, x, nb, y, dyn); break;
+    case 1: run_fast_item<1, NB, NS>(p, j0, j1, x, nb, y, dyn); break;
+    case 2: run_fast_item<2, NB, NS>(p, j0, j1, x, nb, y, dyn); break;
+    case 3: run_fast_item<3, NB, NS>(p, j0, j1, x, nb, y, dyn); break;
+    case 4: run_fast_item<4, NB, NS>(p, j0, j1, x, nb, y, dyn); break;
+    case 5: run_fast_item<5, NB, NS>(p, j0, j1, x, nb, y, dyn); break;
+    case 6: run_fast_item<6, NB, NS>(p, j0, j1, x, nb, y, dyn); break;
+    case 7: run_fast_item<7, NB, NS>(p, j0, j1, x, nb, y, dyn); break;
+    default: run_fast_item<8, NB, NS>(p, j0, j1, x, nb, y, dyn); break;
   }
 }
 
-constexpr bool fast_segment(int s) { return s % 3 == 0; }  // 128-row chunks, depth 0..8
+// Segment s = 3 d + i holds chunks of NS = 4 >> i slices: the fast kernel runs i = 0 (128
+// rows) and i = 1 (64 rows), depth 0..8.
+constexpr bool fast_segment(int s) { return s % 3 != 2; }
 
 // Dense W from the tiling: one warp per job, values loc + scale * T[k] with the float32
 // table, rounded as the CPU rounds them (no fused multiply-add).
@@ -944,35 +965,37 @@ void launch_general(TParams p, const float* x, int nb, float* y, bool skip_fast,
   check(cudaGetLastError(), "tiled matmul kernel launch");
 }
 
-template <int NB>
+template <int NB, int NS>
 void launch_fast(TParams p, const float* x, int nb, float* y, cudaStream_t st) {
   constexpr int smem = kWarps * (xs_words<NB>() + NB * win_rows<NB>()) * 4;
+  constexpr int ni = NS == 4 ? 0 : 1;
   static std::atomic<int> cache[kMaxDevices];
   const int resident = per_device(cache, [] {
     // static table + dynamic forms pass the default 48 KB per block
-    check(cudaFuncSetAttribute(tiled_fast_kernel<NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+    check(cudaFuncSetAttribute(tiled_fast_kernel<NB, NS>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
           "cudaFuncSetAttribute");
-    return resident_blocks(tiled_fast_kernel<NB>, smem);
+    return resident_blocks(tiled_fast_kernel<NB, NS>, smem);
   });
-  const int blocks = plan_items(p, resident, [](int s) { return fast_segment(s); });
+  const int blocks = plan_items(p, resident, [](int s) { return s % 3 == ni; });
   if (blocks == 0) return;
-  tiled_fast_kernel<NB><<<blocks, kWarps * 32, smem, st>>>(p, x, nb, y);
+  tiled_fast_kernel<NB, NS><<<blocks, kWarps * 32, smem, st>>>(p, x, nb, y);
   check(cudaGetLastError(), "tiled matmul kernel launch");
 }
 
+// The fast kernels for 128- and 64-row chunks (each launched only where the layer has them).
 void launch_fast_any(const TParams& p, const float* x, int nb, float* y, cudaStream_t st) {
-  if (nb == 1) launch_fast<1>(p, x, nb, y, st);
-  else if (nb == 2) launch_fast<2>(p, x, nb, y, st);
-  else if (nb <= 4) launch_fast<4>(p, x, nb, y, st);
-  else launch_fast<8>(p, x, nb, y, st);
+  if (nb == 1) launch_fast<1, 4>(p, x, nb, y, st), launch_fast<1, 2>(p, x, nb, y, st);
+  else if (nb == 2) launch_fast<2, 4>(p, x, nb, y, st), launch_fast<2, 2>(p, x, nb, y, st);
+  else if (nb <= 4) launch_fast<4, 4>(p, x, nb, y, st), launch_fast<4, 2>(p, x, nb, y, st);
+  else launch_fast<8, 4>(p, x, nb, y, st), launch_fast<8, 2>(p, x, nb, y, st);
 }
 
-// The fast kernel for its segments (128-row chunks), the general one for the rest (chunks of
-// 1 or 2 slices; not launched for layers with 128-row groups). 9..16 vectors: the fast kernel
-// per 8 of them and the general kernel once for all; measured on an H200 (3 bits, 16
+// The fast kernels for their segments (128- and 64-row chunks), the general one for the rest
+// (32-row chunks; not launched for layers with 64- or 128-row groups). 9..16 vectors: the
+// fast kernel per 8 of them and the general kernel once for all; measured on an H200 (3 bits, 16
 // vectors), the fast kernel twice took 12288 x 49152 310 us and 4096 x 4096 41 us where the
-// general kernel took 447 and 76 us, while for 64-row groups the general kernel once beat it
-// twice on 8 vectors (466 against 653 us, 44 against 57 us).
+// general kernel took 447 and 76 us. (The general kernel itself runs 16 at once: on 64-row
+// groups, before they had the fast kernel, once on 16 beat twice on 8, 466 against 653 us.)
 void launch_tiled(const DeviceTiled& L, const float* x, int nb, float* y, cudaStream_t st) {
   const TParams p = make_tparams(L);
   if (nb > 8) {

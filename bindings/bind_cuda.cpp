@@ -210,6 +210,10 @@ void bind_cuda(nb::module_& m) {
       },
       CVXQ_TILED_ARGS, nb::arg("out").noconvert(), nb::arg("stream") = 0,
       "Dense W [rows, cols] (float32 or float16) from a layer in the GPU tiling.");
+  m.def("cuda_set_warp_windows_max_jobs", [](int64_t jobs) { return cuda::set_warp_windows_max_jobs(jobs); },
+        nb::arg("jobs"),
+        "Tuning: layers with up to `jobs` fast-kernel jobs run 5-8 vectors with per-warp y windows. "
+        "Returns the previous value.");
 #else
   m.def("cuda_available", [] { return false; },
         "False: this build has no CUDA kernels (rebuild with CVXQ_CUDA=ON).");

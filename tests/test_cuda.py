@@ -183,3 +183,22 @@ def test_layers_on_a_second_gpu_run_while_the_first_is_current(transposed):
         assert y.device.index == dev
         assert rel_err(y.cpu().numpy(), want) < 2e-3, dev
         assert np.array_equal(g.dequantize().cpu().numpy(), p.dequantize().reshape(g.shape))
+
+
+@needs_gpu
+@pytest.mark.parametrize("max_jobs", [0, 1 << 40])  # 5-8 vectors: the block's y window, per-warp windows
+def test_both_y_window_schemes_of_eight_vectors(max_jobs):
+    before = _core.cuda_set_warp_windows_max_jobs(max_jobs)
+    try:
+        for rows, cols, group_rows, max_depth in [(16384, 16, 128, 8), (2048, 2048, 128, 4), (2048, 2048, 64, 4)]:
+            layer, _ = random_layer(rows, cols, group_rows, seed=11, max_depth=max_depth)
+            p = packed_from(layer, False)
+            gpu = CudaPacked(p, "cuda")
+            rng = np.random.default_rng(3)
+            for n in (5, 8, 13):
+                x = rng.standard_normal((n, p.in_features)).astype(np.float32)
+                y = torch.zeros(n, p.out_features, device="cuda")
+                gpu.matmul_(torch.from_numpy(x).cuda(), y)
+                check_product(p, x, y.cpu().numpy().astype(np.float64), (rows, cols, n, max_jobs))
+    finally:
+        _core.cuda_set_warp_windows_max_jobs(before)

@@ -694,7 +694,7 @@ __device__ void run_fast_loc(const TParams& p, const uint4 job, int U, const flo
   flush_run<NB, NS>(p, y, win, base, (int)job.z, nb, lane, ls, nullptr);
 }
 
-template <int B, int NB, int NS>
+template <int B, int NB, int NS, bool WB>
 __device__ void run_fast_item(const TParams& p, int j0, int j1, const float* x, int nb, float* y, char* dyn) {
 #ifdef CVXQ_PHASES
   const long long phase_c0 = clock64();
@@ -717,7 +717,7 @@ __device__ void run_fast_item(const TParams& p, int j0, int j1, const float* x, 
   // [base, base + span): every warp's window is in it. Measured on an H200 (8 vectors,
   // same run): 11008 x 4096 34.8 -> 26.3 us at 3 bits; but 8192 x 28672 63.3 -> 66.0 and
   // 12288 x 49152 at 4 bits 166.9 -> 182.2 (neutral at 3 bits).
-  constexpr bool kWarpBase = NB > 4;
+  constexpr bool kWarpBase = WB;
   constexpr int PER_END = kWarpBase ? 2 : PER;  // rows per thread preloaded for the end
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   uint32_t* xsb = reinterpret_cast<uint32_t*>(dyn) + warp * xs_words<NB>();
@@ -813,22 +813,23 @@ __device__ void run_fast_item(const TParams& p, int j0, int j1, const float* x, 
 // Segments of NS-slice chunks (depth 0..8; NS = 4 or 2) for up to NB vectors: its own
 // kernel, so that its smaller register footprint buys more resident warps (and one per NS,
 // so that the 64-row path cannot cost the 128-row one registers). Dynamic shared memory: the
-// warps' x * scale forms and y windows.
-template <int NB, int NS>
+// warps' x * scale forms and y windows. WB: each warp's y window starts at its own first row
+// chunk (run_fast_item).
+template <int NB, int NS, bool WB>
 __global__ void __launch_bounds__(kWarps * 32, 2)
     tiled_fast_kernel(TParams p, const float* __restrict__ x, int nb, float* __restrict__ y) {
   extern __shared__ __align__(16) char dyn[];
   int j0, j1;
   switch (block_segment(p, j0, j1) / 3) {
-    case 0: run_fast_item<0, NB, NS>(p, j0, j1, x, nb, y, dyn); break;
-    case 1: run_fast_item<1, NB, NS>(p, j0, j1, x, nb, y, dyn); break;
-    case 2: run_fast_item<2, NB, NS>(p, j0, j1, x, nb, y, dyn); break;
-    case 3: run_fast_item<3, NB, NS>(p, j0, j1, x, nb, y, dyn); break;
-    case 4: run_fast_item<4, NB, NS>(p, j0, j1, x, nb, y, dyn); break;
-    case 5: run_fast_item<5, NB, NS>(p, j0, j1, x, nb, y, dyn); break;
-    case 6: run_fast_item<6, NB, NS>(p, j0, j1, x, nb, y, dyn); break;
-    case 7: run_fast_item<7, NB, NS>(p, j0, j1, x, nb, y, dyn); break;
-    default: run_fast_item<8, NB, NS>(p, j0, j1, x, nb, y, dyn); break;
+    case 0: run_fast_item<0, NB, NS, WB>(p, j0, j1, x, nb, y, dyn); break;
+    case 1: run_fast_item<1, NB, NS, WB>(p, j0, j1, x, nb, y, dyn); break;
+    case 2: run_fast_item<2, NB, NS, WB>(p, j0, j1, x, nb, y, dyn); break;
+    case 3: run_fast_item<3, NB, NS, WB>(p, j0, j1, x, nb, y, dyn); break;
+    case 4: run_fast_item<4, NB, NS, WB>(p, j0, j1, x, nb, y, dyn); break;
+    case 5: run_fast_item<5, NB, NS, WB>(p, j0, j1, x, nb, y, dyn); break;
+    case 6: run_fast_item<6, NB, NS, WB>(p, j0, j1, x, nb, y, dyn); break;
+    case 7: run_fast_item<7, NB, NS, WB>(p, j0, j1, x, nb, y, dyn); break;
+    default: run_fast_item<8, NB, NS, WB>(p, j0, j1, x, nb, y, dyn); break;
   }
 }
 
@@ -965,21 +966,40 @@ void launch_general(TParams p, const float* x, int nb, float* y, bool skip_fast,
   check(cudaGetLastError(), "tiled matmul kernel launch");
 }
 
-template <int NB, int NS>
-void launch_fast(TParams p, const float* x, int nb, float* y, cudaStream_t st) {
+template <int NB, int NS, bool WB>
+void launch_fast_kernel(TParams p, const float* x, int nb, float* y, cudaStream_t st) {
   constexpr int smem = kWarps * (xs_words<NB>() + NB * win_rows<NB>()) * 4;
   constexpr int ni = NS == 4 ? 0 : 1;
   static std::atomic<int> cache[kMaxDevices];
   const int resident = per_device(cache, [] {
     // static table + dynamic forms pass the default 48 KB per block
-    check(cudaFuncSetAttribute(tiled_fast_kernel<NB, NS>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+    check(cudaFuncSetAttribute(tiled_fast_kernel<NB, NS, WB>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
           "cudaFuncSetAttribute");
-    return resident_blocks(tiled_fast_kernel<NB, NS>, smem);
+    return resident_blocks(tiled_fast_kernel<NB, NS, WB>, smem);
   });
   const int blocks = plan_items(p, resident, [](int s) { return s % 3 == ni; });
   if (blocks == 0) return;
-  tiled_fast_kernel<NB, NS><<<blocks, kWarps * 32, smem, st>>>(p, x, nb, y);
+  tiled_fast_kernel<NB, NS, WB><<<blocks, kWarps * 32, smem, st>>>(p, x, nb, y);
   check(cudaGetLastError(), "tiled matmul kernel launch");
+}
+
+// Layers with up to this many jobs of the launch's chunk size (128-row jobs: about 4 units
+// of 1024 weights each) take per-warp y windows for 8 vectors: on an H200 they took
+// 11008 x 4096 (11K jobs) from 34.8 to 26.3 us, while 8192 x 28672 (57K jobs) went
+// 63.3 -> 66.0 and 12288 x 49152 at 4 bits 166.9 -> 182.2 us.
+std::atomic<int64_t> g_warp_windows_max_jobs{25000};
+
+template <int NB, int NS>
+void launch_fast(TParams p, const float* x, int nb, float* y, cudaStream_t st) {
+  if constexpr (NB > 4) {
+    int64_t jobs = 0;
+    for (int s = NS == 4 ? 0 : 1; s < 27; s += 3) jobs += p.seg_begin[s + 1] - p.seg_begin[s];
+    if (jobs <= g_warp_windows_max_jobs.load(std::memory_order_relaxed)) {
+      launch_fast_kernel<NB, NS, true>(p, x, nb, y, st);
+      return;
+    }
+  }
+  launch_fast_kernel<NB, NS, false>(p, x, nb, y, st);
 }
 
 // The fast kernels for 128- and 64-row chunks (each launched only where the layer has them).
@@ -1010,6 +1030,8 @@ void launch_tiled(const DeviceTiled& L, const float* x, int nb, float* y, cudaSt
 }
 
 }  // namespace
+
+int64_t set_warp_windows_max_jobs(int64_t jobs) { return g_warp_windows_max_jobs.exchange(jobs); }
 
 void tiled_matmul(const DeviceTiled& L, const float* x, int64_t n, float* y, void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);

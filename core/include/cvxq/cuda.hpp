@@ -66,6 +66,10 @@ struct DeviceTiled {
 // plus loc * x in float32. Any n >= 1 (chunks of 16 vectors).
 void tiled_matmul(const DeviceTiled& layer, const float* x, int64_t n, float* y, void* stream);
 
+// Tuning: layers with up to this many fast-kernel jobs run 5-8 vectors with per-warp y
+// windows (tiled.cu, launch_fast). Returns the previous value.
+int64_t set_warp_windows_max_jobs(int64_t jobs);
+
 #ifdef CVXQ_PHASES
 // Dev instrumentation of the fast kernel (built with -DCVXQ_PHASES, tools/phases.py): copies
 // 8192 x 16 values out (per warp: globaltimer at start and end, clock cycles at each phase)

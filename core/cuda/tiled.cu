@@ -448,8 +448,17 @@ __device__ __forceinline__ void decode_fast(const uint32_t (&w)[B], int m, uint3
 // on the large layers; so was filling the table by cp.async while the first loads fly.)
 template <int NB>
 constexpr int win_rows() { return NB == 1 ? 512 : NB <= 4 ? 256 : 128; }  // 16..32 KB per block
+// Floats per vector in a warp's window (WS). With per-warp windows (WB: the smaller layers,
+// where runs are short and flushes frequent) one more than its rows, so that the lanes of
+// one row group (g), which hold vectors t = 0..3, add into 4 different banks: with a stride
+// of WR rows every load and store of a flush was a 4-way bank conflict (ncu on 4096 x 4096,
+// 8 vectors: 36% of the kernel's shared-memory wavefronts). Measured on an H200 (8 vectors,
+// 4 bits): 4096 x 4096 20.0 -> 19.3 us, 11008 x 4096 28.6 -> 27.9; the same padding in
+// the block-window kernel (the large layers, few flushes) cost 12288 x 49152 167 -> 175 us.
+template <int NB, bool WB>
+constexpr int win_stride() { return win_rows<NB>() + (WB && NB > 1 ? 1 : 0); }
 
-template <int NB, int NS, class V>
+template <int NB, int NS, int WS, class V>
 __device__ __forceinline__ void add_window(const TParams& p, float* __restrict__ y, float* win, int base, int b,
                                            int row0, int g, V&& value) {
   constexpr int WR = win_rows<NB>();
@@ -457,7 +466,7 @@ __device__ __forceinline__ void add_window(const TParams& p, float* __restrict__
     add_rows<NS>(p, y, b, row0, g, value);
     return;
   }
-  float* w = win + b * WR + row0 - base + 4 * g;
+  float* w = win + b * WS + row0 - base + 4 * g;
   float v[NS][4];
 #pragma unroll
   for (int s = 0; s < NS; ++s)
@@ -471,7 +480,7 @@ __device__ __forceinline__ void add_window(const TParams& p, float* __restrict__
 
 // The end of a fast-kernel run: loc * x of its columns (ls, per vector) summed over the
 // warp, plus acc(nt, s, i) (the MMA sums; nullptr: none), added to each of its rows once.
-template <int NB, int NS, class Acc>
+template <int NB, int NS, int WS, class Acc>
 __device__ __forceinline__ void flush_run(const TParams& p, float* __restrict__ y, float* win, int base, int row0,
                                           int nb, int lane, float (&ls)[NB], Acc&& acc) {
   constexpr int NT = NB > 4 ? 2 : 1;
@@ -487,7 +496,7 @@ __device__ __forceinline__ void flush_run(const TParams& p, float* __restrict__ 
     float lsb = ls[0];
 #pragma unroll
     for (int c = 1; c < NB; ++c) lsb = b == c ? ls[c] : lsb;
-    add_window<NB, NS>(p, y, win, base, b, row0, g, [&](int s, int i) {
+    add_window<NB, NS, WS>(p, y, win, base, b, row0, g, [&](int s, int i) {
       if constexpr (std::is_same_v<std::decay_t<Acc>, std::nullptr_t>) return lsb;
       else return acc(nt, s, i) + lsb;
     });
@@ -497,7 +506,7 @@ __device__ __forceinline__ void flush_run(const TParams& p, float* __restrict__ 
 // NS = 4 (128-row chunks): a unit is one block of 8 columns x 4 slices, a batch of 32
 // records 4 units. NS = 2 (64-row chunks): a unit is 2 blocks x 2 slices, a batch 2 units,
 // and the loop runs two batches per turn so that the payload ring keeps compile-time slots.
-template <int B, int NB, int NS>
+template <int B, int NB, int NS, int WS>
 __device__ void run_fast(const TParams& p, const uint4 job, int U, const float* __restrict__ x, int nb,
                          float* __restrict__ y, uint32_t* xsb, float* win, int base, int lane,
                          long long phase_c0 = 0) {
@@ -615,7 +624,7 @@ __device__ void run_fast(const TParams& p, const uint4 job, int U, const float* 
     }
   }
 
-  flush_run<NB, NS>(p, y, win, base, (int)job.z, nb, lane, ls, [&](int nt, int s, int i) { return acc[nt][s][i]; });
+  flush_run<NB, NS, WS>(p, y, win, base, (int)job.z, nb, lane, ls, [&](int nt, int s, int i) { return acc[nt][s][i]; });
 }
 
 // Segment of this block and its item's jobs [j0, j1).
@@ -670,7 +679,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) tiled_matmul_kernel(TParams p,
 // loc + scale * T0[0], so a run adds sum_c x[c] (loc + scale * T0[0]) to each of its rows:
 // records and x only, no payload, no MMA. (Real layers have a few percent of such groups,
 // mostly in attention projections; in the general kernel they cost a second launch.)
-template <int NB, int NS>
+template <int NB, int NS, int WS>
 __device__ void run_fast_loc(const TParams& p, const uint4 job, int U, const float* __restrict__ x, int nb,
                              float* __restrict__ y, float* win, int base, int lane) {
   const float t0 = __ldg(p.table);
@@ -691,7 +700,7 @@ __device__ void run_fast_loc(const TParams& p, const uint4 job, int U, const flo
         if (b == 0 || b < nb) ls[b] = fmaf(__ldg(x + (size_t)b * p.cols + rc.x), l, ls[b]);
     }
   }
-  flush_run<NB, NS>(p, y, win, base, (int)job.z, nb, lane, ls, nullptr);
+  flush_run<NB, NS, WS>(p, y, win, base, (int)job.z, nb, lane, ls, nullptr);
 }
 
 template <int B, int NB, int NS, bool WB>
@@ -722,7 +731,8 @@ __device__ void run_fast_item(const TParams& p, int j0, int j1, const float* x, 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   uint32_t* xsb = reinterpret_cast<uint32_t*>(dyn) + warp * xs_words<NB>();
   float* const wins = reinterpret_cast<float*>(dyn) + kWarps * xs_words<NB>();
-  float* const win = wins + warp * NB * WR;  // this warp's
+  constexpr int WS = win_stride<NB, WB>();
+  float* const win = wins + warp * NB * WS;  // this warp's
   const int base = (int)__ldg(&p.jobs[j0].z);
   __shared__ int wbases[kWarps];
   int wbase = base;
@@ -745,7 +755,7 @@ __device__ void run_fast_item(const TParams& p, int j0, int j1, const float* x, 
   for_each_run(
       p, j0, j1,
       [&] {
-        for (int i = lane; i < NB * WR; i += 32) win[i] = 0.f;
+        for (int i = lane; i < NB * WS; i += 32) win[i] = 0.f;
         __syncwarp();
         // ends in __syncthreads (B > 0); the forms' memory (dyn) is free until the runs start
         fill_table<B>(p, reinterpret_cast<char*>(fast_table), reinterpret_cast<uint32_t*>(dyn));
@@ -760,8 +770,8 @@ __device__ void run_fast_item(const TParams& p, int j0, int j1, const float* x, 
         phase_units += units;
         phase_runs += 1;
 #endif
-        if constexpr (B == 0) run_fast_loc<NB, NS>(p, job, units, x, nb, y, win, wbase, lane);
-        else run_fast<B, NB, NS>(p, job, units, x, nb, y, xsb, win, wbase, lane, phase_c0);
+        if constexpr (B == 0) run_fast_loc<NB, NS, WS>(p, job, units, x, nb, y, win, wbase, lane);
+        else run_fast<B, NB, NS, WS>(p, job, units, x, nb, y, xsb, win, wbase, lane, phase_c0);
       });
   PHASE(4);
   if constexpr (NB > 4) load_orig();
@@ -784,7 +794,7 @@ __device__ void run_fast_item(const TParams& p, int j0, int j1, const float* x, 
         float v = 0.f;
 #pragma unroll
         for (int w = 0; w < kWarps; ++w)
-          if ((unsigned)(r - off[w]) < (unsigned)WR) v += wins[(w * NB + b) * WR + r - off[w]];
+          if ((unsigned)(r - off[w]) < (unsigned)WR) v += wins[(w * NB + b) * WS + r - off[w]];
         if (v != 0.f) atomicAdd(y + (int64_t)b * p.rows + o, v);
       }
     }
@@ -796,7 +806,7 @@ __device__ void run_fast_item(const TParams& p, int j0, int j1, const float* x, 
         if (orig[k] < 0 || b >= nb) continue;
         float v = 0.f;
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) v += wins[(w * NB + b) * WR + threadIdx.x + k * kWarps * 32];
+        for (int w = 0; w < kWarps; ++w) v += wins[(w * NB + b) * WS + threadIdx.x + k * kWarps * 32];
         if (v != 0.f) atomicAdd(y + (int64_t)b * p.rows + orig[k], v);
       }
   }
@@ -968,7 +978,7 @@ void launch_general(TParams p, const float* x, int nb, float* y, bool skip_fast,
 
 template <int NB, int NS, bool WB>
 void launch_fast_kernel(TParams p, const float* x, int nb, float* y, cudaStream_t st) {
-  constexpr int smem = kWarps * (xs_words<NB>() + NB * win_rows<NB>()) * 4;
+  constexpr int smem = kWarps * (xs_words<NB>() + NB * win_stride<NB, WB>()) * 4;
   constexpr int ni = NS == 4 ? 0 : 1;
   static std::atomic<int> cache[kMaxDevices];
   const int resident = per_device(cache, [] {

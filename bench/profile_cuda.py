@@ -1,4 +1,4 @@
-"""One launch of the packed GEMV on a big layer, for a profiler (ncu) to look at.
+"""One launch of the packed GEMV on a big layer (SHAPE, BITS, BATCH), for a profiler (ncu) to look at.
     ncu --kernel-name regex:tiled_ --launch-skip 2 --launch-count 1 python bench/profile_cuda.py
 (tools/device_profile.sh runs it and exports the report as text)"""
 import os
@@ -21,8 +21,9 @@ from kernels import _gpu_layer  # noqa: E402
 out_f, in_f = (int(v) for v in os.environ.get("SHAPE", "12288x49152").split("x"))
 gpu, _, _, _ = _gpu_layer(out_f, in_f, int(os.environ.get("BITS", "3")), 128, np.random.default_rng(0), torch, _core)
 layer = gpu.args
-x = torch.randn(1, in_f, device="cuda")
-y = torch.zeros(1, out_f, device="cuda")
+batch = int(os.environ.get("BATCH", "1"))
+x = torch.randn(batch, in_f, device="cuda")
+y = torch.zeros(batch, out_f, device="cuda")
 for _ in range(4):
     _core.cuda_tiled_matmul(**layer, x=x, y=y)
 torch.cuda.synchronize()

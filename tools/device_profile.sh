@@ -4,7 +4,7 @@
 # page (every section, stall reasons, throughput breakdowns), the source page per SASS
 # instruction (executions, stall samples by reason, shared-memory wavefronts) and the raw
 # metrics. Find the hot loop and its stalls in sass_<shape>.csv.
-#   SHAPES="12288x49152 4096x4096" BITS=3 [FLAGS="-DX=1"] bash tools/device_profile.sh
+#   SHAPES="12288x49152 4096x4096" BITS=3 [BATCH=8] [FLAGS="-DX=1"] bash tools/device_profile.sh
 #   (CORE_DIR=build/v1/cvxq_tui profiles that build instead of building one)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ if [ -z "$CORE_DIR" ]; then
 fi
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
 for sh in ${SHAPES:-12288x49152}; do
-  SHAPE=$sh BITS=${BITS:-3} CVXQ_DEV_CORE_DIR=$CORE_DIR timeout ${STEP_TIMEOUT:-300} \
+  SHAPE=$sh BITS=${BITS:-3} BATCH=${BATCH:-1} CVXQ_DEV_CORE_DIR=$CORE_DIR timeout ${STEP_TIMEOUT:-300} \
     $NCU --clock-control none --kernel-name regex:${KERNEL:-tiled_fast} --launch-skip 2 --launch-count 1 \
     --set full --import-source no -f -o "$OUT/p_$sh" python3 bench/profile_cuda.py \
     > /tmp/ncu_run_$sh.log 2>&1 || tail -20 /tmp/ncu_run_$sh.log

@@ -105,6 +105,8 @@ def gpu(args):
     if not (torch.cuda.is_available() and _core.cuda_available()):
         sys.exit("bench/kernels.py gpu: needs a GPU and a build with CVXQ_CUDA=ON")
     torch.backends.cuda.matmul.allow_tf32 = False
+    if args.warp_windows_max_jobs is not None:
+        _core.cuda_set_warp_windows_max_jobs(args.warp_windows_max_jobs)
     props = torch.cuda.get_device_properties(0)
     print(f"device: {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}")
     n = 1 << 28  # 1 GiB copy, counting read + write
@@ -287,6 +289,9 @@ def main():
     g.add_argument("--shapes", nargs="+", help="OUTxIN shapes instead of the standard set")
     g.add_argument("--zero-frac", type=float, default=0.0,
                    help="fraction of groups at depth 0 (real layers: a few percent; default 0)")
+    g.add_argument("--warp-windows-max-jobs", type=int,
+                   help="tuning: 5-8 vectors take per-warp y windows on layers of up to this many jobs "
+                   "(the kernels' default 25000; 0: never)")
     c = sub.add_parser("cpu")
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--model-dir", help="a cvxq-tui output folder for the decode benchmark")

@@ -47,7 +47,7 @@ def main_command(
     pin: Annotated[List[str], typer.Option(help="GLOB=BITS: fix the depth of matching layers (repeatable).")] = [],
     quantizer: Annotated[str, typer.Option(help="CVXQ codebook: laplace (companded), uniform or lloyd.")] = JobSpec.quantizer,
     sensitivity: Annotated[str, typer.Option(help="Sensitivity estimator: fisher, grad (CVXQ paper) or hessian (no backprop).")] = JobSpec.sensitivity,
-    group_rows: Annotated[int, typer.Option("--group-rows", help="Rows per CVXQ group (multiple of 32). The GPU kernels are built for 128, the default: other sizes run several times slower there.")] = JobSpec.group_rows,
+    group_rows: Annotated[int, typer.Option("--group-rows", help="Rows per CVXQ group (multiple of 32). On a GPU 128, the default, runs fastest; 64 up to about 15% slower (more column records to read); 32 several times slower.")] = JobSpec.group_rows,
     gptq_group: Annotated[int, typer.Option("--gptq-group", help="RTN/GPTQ group size along inputs; 0 = largest depth the budget allows.")] = 0,
     calib_samples: Annotated[int, typer.Option("--calib-samples", help="Calibration sequences.")] = JobSpec.calib_samples,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sequence.")] = JobSpec.seq_len,

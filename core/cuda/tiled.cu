@@ -17,12 +17,12 @@
 //
 // Two product kernels share that scheme. tiled_fast_kernel runs the segments of 4- and
 // 2-slice chunks (128- and 64-row groups: nearly all of a CVXQ layer, depth-0 columns
-// included; one kernel per chunk size) for up to 8 vectors and is built for instruction count: x * scale made once per record and handed out
-// through shared memory, lookups of one LOP3 on a static table, no bounds checks (padded
-// payload), sums gathered in per-warp windows of y in shared memory; 9..16 vectors run it
-// per 8. The general tiled_matmul_kernel runs the 1-slice chunks (32-row groups) for up to
-// 16 vectors at once. Both give each warp an even share of a segment's
-// jobs, in one wave of blocks.
+// included; one kernel per chunk size) for up to 8 vectors and is built for instruction
+// count: x * scale made once per record and handed out through shared memory, lookups of
+// one LOP3 on a static table, no bounds checks (padded payload), sums gathered in windows
+// of y in shared memory; 9..16 vectors run it per 8. The general tiled_matmul_kernel runs
+// the 1-slice chunks (32-row groups) for up to 16 vectors at once. Both give each warp an
+// even share of a segment's jobs, in one wave of blocks.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 

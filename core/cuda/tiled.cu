@@ -846,6 +846,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
 // Segment s = 3 d + i holds chunks of NS = 4 >> i slices: the fast kernel runs i = 0 (128
 // rows) and i = 1 (64 rows), depth 0..8.
 constexpr bool fast_segment(int s) { return s % 3 != 2; }
+constexpr int ns_index(int ns) { return ns == 4 ? 0 : ns == 2 ? 1 : 2; }  // the i of NS
 
 // Dense W from the tiling: one warp per job, values loc + scale * T[k] with the float32
 // table, rounded as the CPU rounds them (no fused multiply-add).
@@ -979,7 +980,6 @@ void launch_general(TParams p, const float* x, int nb, float* y, bool skip_fast,
 template <int NB, int NS, bool WB>
 void launch_fast_kernel(TParams p, const float* x, int nb, float* y, cudaStream_t st) {
   constexpr int smem = kWarps * (xs_words<NB>() + NB * win_stride<NB, WB>()) * 4;
-  constexpr int ni = NS == 4 ? 0 : 1;
   static std::atomic<int> cache[kMaxDevices];
   const int resident = per_device(cache, [] {
     // static table + dynamic forms pass the default 48 KB per block
@@ -987,7 +987,7 @@ void launch_fast_kernel(TParams p, const float* x, int nb, float* y, cudaStream_
           "cudaFuncSetAttribute");
     return resident_blocks(tiled_fast_kernel<NB, NS, WB>, smem);
   });
-  const int blocks = plan_items(p, resident, [](int s) { return s % 3 == ni; });
+  const int blocks = plan_items(p, resident, [](int s) { return s % 3 == ns_index(NS); });
   if (blocks == 0) return;
   tiled_fast_kernel<NB, NS, WB><<<blocks, kWarps * 32, smem, st>>>(p, x, nb, y);
   check(cudaGetLastError(), "tiled matmul kernel launch");
@@ -1003,7 +1003,7 @@ template <int NB, int NS>
 void launch_fast(TParams p, const float* x, int nb, float* y, cudaStream_t st) {
   if constexpr (NB > 4) {
     int64_t jobs = 0;
-    for (int s = NS == 4 ? 0 : 1; s < 27; s += 3) jobs += p.seg_begin[s + 1] - p.seg_begin[s];
+    for (int s = ns_index(NS); s < 27; s += 3) jobs += p.seg_begin[s + 1] - p.seg_begin[s];
     if (jobs <= g_warp_windows_max_jobs.load(std::memory_order_relaxed)) {
       launch_fast_kernel<NB, NS, true>(p, x, nb, y, st);
       return;

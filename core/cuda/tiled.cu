@@ -646,8 +646,8 @@ __device__ void run_item(const TParams& p, int j0, int j1, const float* x, int n
 }
 
 template <int B, int NT>
-__device__ void run_depth(const TParams& p, int ns_index, int j0, int j1, const float* x, int nb, float* y, char* sm) {
-  switch (ns_index) {
+__device__ void run_depth(const TParams& p, int ni, int j0, int j1, const float* x, int nb, float* y, char* sm) {
+  switch (ni) {
     case 0: run_item<B, 4, NT>(p, j0, j1, x, nb, y, sm); break;
     case 1: run_item<B, 2, NT>(p, j0, j1, x, nb, y, sm); break;
     default: run_item<B, 1, NT>(p, j0, j1, x, nb, y, sm); break;
@@ -719,15 +719,14 @@ __device__ void run_fast_item(const TParams& p, int j0, int j1, const float* x, 
   constexpr long long phase_c0 = 0;
 #endif
   constexpr int WR = win_rows<NB>(), PER = (WR + kWarps * 32 - 1) / (kWarps * 32);
-  // 8 vectors: each warp's window starts at its own first row chunk (wbase), not the
-  // block's: at 128 rows a window holds one chunk, and the block's later chunks had 17-48%
+  // WB (5-8 vectors on smaller layers, launch_fast): each warp's window starts at its own
+  // first row chunk (wbase), not the block's: at 128 rows a window holds one chunk, and the block's later chunks had 17-48%
   // of the units of Llama-sized layers adding straight into y (simulated on the job lists;
   // 4 vectors with such windows took 35% longer on an H200). The block end then sums over
   // [base, base + span): every warp's window is in it. Measured on an H200 (8 vectors,
   // same run): 11008 x 4096 34.8 -> 26.3 us at 3 bits; but 8192 x 28672 63.3 -> 66.0 and
-  // 12288 x 49152 at 4 bits 166.9 -> 182.2 (neutral at 3 bits).
-  constexpr bool kWarpBase = WB;
-  constexpr int PER_END = kWarpBase ? 2 : PER;  // rows per thread preloaded for the end
+  // 12288 x 49152 at 4 bits 166.9 -> 182.2 (neutral at 3 bits), hence the choice by size.
+  constexpr int PER_END = WB ? 2 : PER;  // rows per thread preloaded for the end
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   uint32_t* xsb = reinterpret_cast<uint32_t*>(dyn) + warp * xs_words<NB>();
   float* const wins = reinterpret_cast<float*>(dyn) + kWarps * xs_words<NB>();
@@ -736,7 +735,7 @@ __device__ void run_fast_item(const TParams& p, int j0, int j1, const float* x, 
   const int base = (int)__ldg(&p.jobs[j0].z);
   __shared__ int wbases[kWarps];
   int wbase = base;
-  if constexpr (kWarpBase) {
+  if constexpr (WB) {
     const int wa = j0 + (j1 - j0) * warp / kWarps, wb = j0 + (j1 - j0) * (warp + 1) / kWarps;
     if (wa < wb) wbase = (int)__ldg(&p.jobs[wa].z);
     if (lane == 0) wbases[warp] = wbase;
@@ -748,7 +747,7 @@ __device__ void run_fast_item(const TParams& p, int j0, int j1, const float* x, 
     return r < span && row < p.rows ? (p.perm ? __ldg(p.perm + row) : row) : -1;
   };
   auto load_orig = [&] {
-    if constexpr (kWarpBase) span = (int)__ldg(&p.jobs[j1 - 1].z) - base + WR;  // >= the last wbase's
+    if constexpr (WB) span = (int)__ldg(&p.jobs[j1 - 1].z) - base + WR;  // >= the last wbase's
 #pragma unroll
     for (int k = 0; k < PER_END; ++k) orig[k] = orig_row(threadIdx.x + k * kWarps * 32);
   };
@@ -777,7 +776,7 @@ __device__ void run_fast_item(const TParams& p, int j0, int j1, const float* x, 
   if constexpr (NB > 4) load_orig();
   __syncthreads();
   PHASE(5);
-  if constexpr (kWarpBase) {
+  if constexpr (WB) {
     int off[kWarps];  // each warp's window start in the block's rows
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) off[w] = wbases[w] - base;

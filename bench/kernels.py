@@ -2,6 +2,7 @@
 the same run.
 
     python bench/kernels.py gpu   # CUDA GEMV/GEMM vs torch fp16 (cuBLAS) on the same GPU
+    python bench/kernels.py gpu --peers   # and torch's int4 tinygemm (4-bit) on the same layers
     python bench/kernels.py cpu   # AVX2 matvec (CPU tiling) vs torch fp32; decode tokens/s of the default model
 
 GPU method: bytes each kernel must read (the layer as it sits on the GPU -- the GPU tiling's
@@ -97,6 +98,33 @@ def _time_cuda(torch, fns, reps=30, warmup=3):
     return statistics.median(times)
 
 
+def _tinygemm(torch, out_f, in_f, batch, l2):
+    """torch's own int4 GEMM on CUDA (tinygemm, as gpt-fast and torchao run 4-bit models):
+    4-bit weights in groups of 128 inputs with a bf16 scale and zero each (4.25 bits per
+    weight), bf16 activations. Returns (median us, relative error against the dense product of
+    its dequantized weights) or None where this torch has no such kernel."""
+    op = getattr(torch.ops.aten, "_weight_int4pack_mm", None)
+    if op is None or in_f % 128 or out_f % 8:  # its tiling: groups of 128 inputs, 8 outputs
+        return None
+    try:
+        q = torch.randint(0, 16, (out_f, in_f), device="cuda", dtype=torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
+        sz = torch.stack([0.02 * torch.rand(in_f // 128, out_f, device="cuda"),
+                          0.01 * torch.randn(in_f // 128, out_f, device="cuda")], -1).to(torch.bfloat16).contiguous()
+        x = torch.randn(batch, in_f, device="cuda", dtype=torch.bfloat16)
+        y = op(x, packed, 128, sz)
+        s = sz[..., 0].double().repeat_interleave(128, 0).T
+        z = sz[..., 1].double().repeat_interleave(128, 0).T
+        ref = x.double() @ ((q.double() - 8) * s + z).T
+        err = float((y.double() - ref).norm() / ref.norm())
+        del q, s, z, ref
+        copies = [packed] + [packed.clone() for _ in range(max(1, -(-4 * l2 // (packed.numel() * 4))) - 1)]
+        us = _time_cuda(torch, [lambda i=i: op(x, copies[i % len(copies)], 128, sz) for i in range(max(len(copies), 8))])
+        return us, err
+    except (RuntimeError, TypeError):  # a build, GPU or torch version without this kernel or signature
+        return None
+
+
 def gpu(args):
     import torch
 
@@ -126,6 +154,7 @@ def gpu(args):
     rng = np.random.default_rng(0)
     l2 = getattr(props, "L2_cache_size", 50 << 20)
     rows = []
+    peers = {}
     shapes = SHAPES if not args.quick else SHAPES[2:3]
     if args.shapes:
         shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes]
@@ -137,6 +166,8 @@ def gpu(args):
             xs16 = [torch.randn(batch, in_f, device="cuda", dtype=torch.float16) for _ in range(4)]
             us16 = _time_cuda(torch, [lambda i=i: torch.nn.functional.linear(xs16[i % 4], ws[i % n_w]) for i in range(max(n_w, 8))])
             bw16 = (w16_bytes + batch * (in_f + out_f) * 2) / (us16 * 1e-6)
+            if args.peers:
+                peers[(out_f, in_f, batch)] = (us16, _tinygemm(torch, out_f, in_f, batch, l2))
             for bits in args.bits:
                 gpu, nbytes, mean_depth, file_bytes = _gpu_layer(out_f, in_f, bits, args.group_rows, rng, torch, _core,
                                                                  args.zero_frac)
@@ -174,6 +205,18 @@ def gpu(args):
     for r in rows:
         print(f"{r[0]:>16} {r[1]:>5} {r[2]:>4} {r[3]:>5.2f} {r[4]:>6.2f} {r[5]:>8.1f} {r[6]:>8.1f} "
               f"{r[7]:>7.2f}x {r[8]:>7.2f} {r[9]:>8.1f} {r[10]:>12.2f} {r[11]:>8.1e} {r[12]:>8.2f}")
+    if peers:
+        ours = {(r[0], r[1], r[2]): r[6] for r in rows}
+        print()
+        print("torch int4 tinygemm (4.25 bits per weight, bf16) vs fp16, same run; cvxq at 4 bits average (mixed depths):")
+        print(f"{'shape (out x in)':>16} {'batch':>5} {'fp16 us':>8} {'int4 us':>8} {'speed-up':>8} {'rel.err':>8} "
+              f"{'cvxq4 us':>8} {'speed-up':>8}")
+        for (out_f, in_f, batch), (us16, tg) in peers.items():
+            q4 = ours.get((f"{out_f}x{in_f}", batch, 4))
+            tg_s = f"{tg[0]:>8.1f} {us16 / tg[0]:>7.2f}x {tg[1]:>8.1e}" if tg else f"{'-':>8} {'-':>8} {'-':>8}"
+            q4_s = f"{q4:>8.1f} {us16 / q4:>7.2f}x" if q4 else f"{'-':>8} {'-':>8}"
+            shape = f"{out_f}x{in_f}"
+            print(f"{shape:>16} {batch:>5} {us16:>8.1f} {tg_s} {q4_s}")
 
 
 def cpu(args):
@@ -289,6 +332,8 @@ def main():
     g.add_argument("--shapes", nargs="+", help="OUTxIN shapes instead of the standard set")
     g.add_argument("--zero-frac", type=float, default=0.0,
                    help="fraction of groups at depth 0 (real layers: a few percent; default 0)")
+    g.add_argument("--peers", action="store_true",
+                   help="also time torch's int4 tinygemm (4-bit groups of 128, as gpt-fast/torchao) on each shape")
     g.add_argument("--warp-windows-max-jobs", type=int,
                    help="tuning: 5-8 vectors take per-warp y windows on layers of up to this many jobs "
                    "(the kernels' default 25000; 0: never)")

@@ -202,3 +202,45 @@ def test_both_y_window_schemes_of_eight_vectors(max_jobs):
                 check_product(p, x, y.cpu().numpy().astype(np.float64), (rows, cols, n, max_jobs))
     finally:
         _core.cuda_set_warp_windows_max_jobs(before)
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", [(1536, 576, 128, 4), (576, 1536, 64, 8), (300, 80, 96, 8), (2048, 2048, 128, 4)])
+def test_products_where_x_times_scale_passes_float16_range(case):
+    # The tensor-core products take x * scale in float16 (largest value 65504). Inputs far
+    # beyond it (all large, so that later batches of a run raise a warp's exponent above what
+    # earlier ones needed) must give the same relative accuracy as ordinary inputs: products
+    # of x * 2^22 within the float16 bound scaled by 2^22, not inf. Fast kernel (128- and
+    # 64-row groups), general kernel (32-row slices, 96-row groups), 1-16 vectors.
+    rows, cols, group_rows, max_depth = case
+    layer, _ = random_layer(rows, cols, group_rows, seed=21, max_depth=max_depth)
+    p = packed_from(layer, False)
+    gpu = CudaPacked(p, "cuda")
+    max_scale = float(np.abs(p.scale.view(np.float16).astype(np.float32)).max())
+    rng = np.random.default_rng(4)
+    for n in (1, 3, 8, 16):
+        x = (rng.standard_normal((n, p.in_features)) * 2.0 ** 22).astype(np.float32)
+        assert float(np.abs(x).max()) * max_scale > 65504 * 8  # far past float16's range
+        y = torch.zeros(n, p.out_features, device="cuda")
+        gpu.matmul_(torch.from_numpy(x).cuda(), y)
+        check_product(p, x, y.cpu().numpy().astype(np.float64), (case, n))
+
+
+@needs_gpu
+def test_products_with_a_few_massive_input_channels():
+    # The pattern of real models' outliers: ordinary inputs with a few channels thousands of
+    # times larger, at the start, middle and end of the columns (a warp's run meets them
+    # after it has accumulated ordinary ones).
+    layer, _ = random_layer(2048, 2048, 128, seed=22, max_depth=6)
+    p = packed_from(layer, False)
+    gpu = CudaPacked(p, "cuda")
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, p.in_features)).astype(np.float32)
+    x[:, [3, 1024, 2047]] = np.array([4e6, -3e6, 5e6], dtype=np.float32)
+    y = torch.zeros(4, p.out_features, device="cuda")
+    gpu.matmul_(torch.from_numpy(x).cuda(), y)
+    got = y.cpu().numpy().astype(np.float64)
+    w = p.dequantize().astype(np.float64)
+    assert np.isfinite(got).all()
+    # within float16 rounding of every term, measured against the sum of the terms' sizes
+    assert (np.abs(got - reference(p, x)) <= 2e-3 * (np.abs(x.astype(np.float64)) @ np.abs(w).T)).all()

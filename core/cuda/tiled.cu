@@ -89,6 +89,30 @@ __device__ __forceinline__ uint32_t pack_h2(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
+// x * scale enters the MMA as float16, whose largest finite value is 65504: real inputs can
+// come within 18x of it (the default model: |x * scale| up to 3.6e3). The fast kernel redoes
+// a run where it passes 65504 in float32 (run_fp32). The general kernel's warps feed
+// x * scale * 2^-ex, with ex = 0 until a value passes kXsMax (the products are then exactly
+// those without it); such a value raises ex for the rest of the warp's run, what it has
+// accumulated is scaled by the same power of two (exact), and the run adds acc * 2^ex.
+constexpr float kXsMax = 32768.f;
+constexpr float kHalfMax = 65504.f;  // float16's largest finite value
+// The smallest e >= 0 with |v| * 2^-e < 2^15 (|v| in [2^E, 2^(E+1)); inf and NaN give 114).
+__device__ __forceinline__ int xs_exponent(float v) {
+  return max(0, (int)((__float_as_uint(v) >> 23) & 0xff) - 127 - 14);
+}
+__device__ __forceinline__ float pow2(int e) { return __int_as_float((127 + e) << 23); }  // -126 <= e <= 127
+// A warp's ex after values whose largest magnitude on this lane is vmax (unscaled): the
+// factor to scale what it has accumulated by (1: ex unchanged).
+__device__ __forceinline__ float raise_exponent(float vmax, int& ex, float& fx) {
+  const int en = (int)__reduce_max_sync(kFull, (unsigned)xs_exponent(vmax));
+  if (en <= ex) return 1.f;
+  const float down = pow2(ex - en);
+  ex = en;
+  fx = pow2(-en);
+  return down;
+}
+
 // Bits [P, P + W) of the lane's stream w, moved to bit S and masked (compile-time P, W, S
 // after unrolling: one shift or funnel shift, and the AND).
 template <int B>
@@ -215,6 +239,8 @@ __device__ void run_rows(const TParams& p, int ja, int jb, const float* __restri
   float lsum[NT];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) lsum[nt] = 0.f;
+  int ex = 0;      // x * scale enters the MMAs times fx = 2^-ex (kXsMax)
+  float fx = 1.f;
 
   for (int jj = ja; jj < jb; ++jj) {  // jobs of the same rows: one accumulator, one flush
   const uint4 job = __ldg(p.jobs + jj);
@@ -224,6 +250,24 @@ __device__ void run_rows(const TParams& p, int ja, int jb, const float* __restri
 
   // The product of one unit from its records, inputs and words.
   auto compute = [&](const Unit<BPU, NT>& cu, const uint32_t (&wc)[WB]) {
+    if constexpr (B > 0) {  // x * scale within float16's range (kXsMax); costs 32-row groups 4-5% (H200)
+      float vmax = 0.f;
+#pragma unroll
+      for (int bk = 0; bk < BPU; ++bk)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) vmax = fmaxf(vmax, fabsf(cu.xv[bk][nt][h] * h2f(cu.r[bk][h].y & 0xffff)));
+      if (__any_sync(kFull, !(vmax * fx <= kXsMax))) {  // rare: the default model stays 18x below
+        const float down = raise_exponent(vmax, ex, fx);
+#pragma unroll
+        for (int s = 0; s < NS; ++s)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[s][nt][i] *= down;
+      }
+    }
 #pragma unroll
     for (int bk = 0; bk < BPU; ++bk) {
       uint32_t bf[NT][2];
@@ -231,7 +275,7 @@ __device__ void run_rows(const TParams& p, int ja, int jb, const float* __restri
       for (int nt = 0; nt < NT; ++nt) {
         const float x0 = cu.xv[bk][nt][0], x1 = cu.xv[bk][nt][1];
         const uint32_t sl0 = cu.r[bk][0].y, sl1 = cu.r[bk][1].y;
-        const float xs0 = x0 * h2f(sl0 & 0xffff), xs1 = x1 * h2f(sl1 & 0xffff);
+        const float xs0 = x0 * (h2f(sl0 & 0xffff) * fx), xs1 = x1 * (h2f(sl1 & 0xffff) * fx);
         // Lane parity e puts x * scale in the low (e = 0) or high (e = 1) half: selects,
         // not branches (the parity differs across the warp).
         bf[nt][0] = pack_h2(e ? 0.f : xs0, e ? xs0 : 0.f);
@@ -316,7 +360,8 @@ __device__ void run_rows(const TParams& p, int ja, int jb, const float* __restri
     const float ls = __shfl_sync(kFull, lsum[nt], 8 * t);  // vector t + 4 nt lives on lane 8 t
     const int b = t + 4 * nt;
     if (b >= nb) continue;
-    add_rows<NS>(p, y, b, row0, g, [&](int s, int i) { return acc[s][nt][i] + ls; });
+    const float up = pow2(ex);  // 1 unless x * scale passed kXsMax
+    add_rows<NS>(p, y, b, row0, g, [&](int s, int i) { return acc[s][nt][i] * up + ls; });
   }
 }
 
@@ -503,6 +548,73 @@ __device__ __forceinline__ void flush_run(const TParams& p, float* __restrict__ 
   }
 }
 
+// A run of the fast kernel in which some x * scale passed float16's largest value (so its
+// MMAs summed inf), done again in float32 straight from global memory with the float32
+// table (as the CPU and the dequantizer decode), then added as flush_run adds: slow, and
+// only for such runs. Its own function (not inlined): the fast path's code and registers
+// stay as they are.
+template <int B, int NB, int NS, int WS>
+__device__ __noinline__ void run_fp32(const uint32_t* __restrict__ payload, const uint2* __restrict__ records,
+                                      const float* __restrict__ table, const int32_t* __restrict__ perm, int rows,
+                                      int cols, const uint4 job, int U, const float* __restrict__ x, int nb,
+                                      float* __restrict__ y, float* win, int base, int lane) {
+  constexpr int NT = NB > 4 ? 2 : 1, BPU = 4 / NS;
+  const int t = lane & 3;
+  TParams p{};  // what flush_run reads (passing the kernel's parameters would copy them to the stack)
+  p.perm = perm;
+  p.rows = rows;
+  p.cols = cols;
+  p.records = records;
+  p.payload = payload;
+  const int R = 8 * BPU * U;  // column slots of the run
+  float ls[NB];               // loc * x, summed as run_fast sums it
+#pragma unroll
+  for (int b = 0; b < NB; ++b) ls[b] = 0.f;
+  for (int r = lane; r < R; r += 32) {
+    const uint2 rc = __ldg(p.records + job.y + r);
+    if (rc.x == kEmpty) continue;
+#pragma unroll
+    for (int b = 0; b < NB; ++b)
+      if (b < nb) ls[b] = fmaf(__ldg(x + (size_t)b * p.cols + rc.x), h2f(rc.y >> 16), ls[b]);
+  }
+  float res[NT][NS][4];  // this lane's rows 32 s + 4 g + i of vector t + 4 nt, as the MMAs lay them
+#pragma unroll
+  for (int b = 0; b < NB; ++b) {
+    if (b >= nb) break;
+    float sum[NS][4];  // the lane's columns (t, t + 4 of each block) only, then over the 4 lanes of g
+#pragma unroll
+    for (int s = 0; s < NS; ++s)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) sum[s][i] = 0.f;
+    for (int u = 0; u < U; ++u) {
+      uint32_t w[B + 1];
+#pragma unroll
+      for (int q = 0; q <= B; ++q) w[q] = q < B ? __ldg(p.payload + job.x + (u * B + q) * 32 + lane) : 0u;
+#pragma unroll
+      for (int m = 0; m < 4; ++m)
+#pragma unroll
+        for (int f = 0; f < 4; ++f) {  // pair f of MMA m (gpu_layout.hpp)
+          const int P = 2 * B * (4 * m + f), q = P >> 5, r = P & 31;
+          const uint32_t val = (uint32_t)(((uint64_t)w[q] | (uint64_t)w[q + 1] << 32) >> r) & ((1u << (2 * B)) - 1);
+          const uint2 rc = __ldg(p.records + job.y + (u * BPU + m / NS) * 8 + t + 4 * (f >> 1));
+          if (rc.x == kEmpty) continue;
+          const float xs = __ldg(x + (size_t)b * p.cols + rc.x) * h2f(rc.y & 0xffff);
+          sum[m % NS][2 * (f & 1)] = fmaf(xs, __ldg(table + (val & ((1u << B) - 1))), sum[m % NS][2 * (f & 1)]);
+          sum[m % NS][2 * (f & 1) + 1] = fmaf(xs, __ldg(table + (val >> B)), sum[m % NS][2 * (f & 1) + 1]);
+        }
+    }
+#pragma unroll
+    for (int s = 0; s < NS; ++s)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        sum[s][i] += __shfl_xor_sync(kFull, sum[s][i], 1);
+        sum[s][i] += __shfl_xor_sync(kFull, sum[s][i], 2);
+        if (t == (b & 3)) res[b >> 2][s][i] = sum[s][i];
+      }
+  }
+  flush_run<NB, NS, WS>(p, y, win, base, (int)job.z, nb, lane, ls, [&](int nt, int s, int i) { return res[nt][s][i]; });
+}
+
 // NS = 4 (128-row chunks): a unit is one block of 8 columns x 4 slices, a batch of 32
 // records 4 units. NS = 2 (64-row chunks): a unit is 2 blocks x 2 slices, a batch 2 units,
 // and the loop runs two batches per turn so that the payload ring keeps compile-time slots.
@@ -542,6 +654,7 @@ __device__ void run_fast(const TParams& p, const uint4 job, int U, const float* 
   float ls[NB];
 #pragma unroll
   for (int b = 0; b < NB; ++b) ls[b] = 0.f;
+  bool big = false;  // some x * scale past float16's range: the run is redone in float32
 
   auto load_rec = [&](int q) {
     return 32 * q + lane < R ? stream_load(rp + 32 * q) : make_uint2(kEmpty, 0u);
@@ -570,6 +683,7 @@ __device__ void run_fast(const TParams& p, const uint4 job, int U, const float* 
 #pragma unroll
       for (int b = 0; b < NB; ++b) {
         const float v = xq[b] * sc;
+        big = big || fabsf(v) > kHalfMax;
         xsb[(2 * b) * kXsStride + lane] = pack_h2(v, 0.f);
         xsb[(2 * b + 1) * kXsStride + lane] = pack_h2(0.f, v);
         ls[b] = fmaf(xq[b], lc, ls[b]);
@@ -624,6 +738,13 @@ __device__ void run_fast(const TParams& p, const uint4 job, int U, const float* 
     }
   }
 
+  // Rare: the default model stays 18x below it. The check costs the 1-4-vector kernels under
+  // 1% and the 8-vector kernel 5-10% (the call's registers; measured on an H200).
+  if (__any_sync(kFull, big)) {
+    run_fp32<B, NB, NS, WS>(p.payload, p.records, p.table + table_offset(B), p.perm, p.rows, p.cols, job, U, x, nb, y,
+                            win, base, lane);
+    return;
+  }
   flush_run<NB, NS, WS>(p, y, win, base, (int)job.z, nb, lane, ls, [&](int nt, int s, int i) { return acc[nt][s][i]; });
 }
 

@@ -284,16 +284,17 @@ def _decode_bench(args, torch):
                     return int(line.split()[1]) / 1024
         return float("nan")
 
+    def cache_of(out):  # transformers 5.x names the KV cache `cache` (warning on the old name), 4.x past_key_values
+        return {"cache": out["cache"]} if "cache" in out else {"past_key_values": out["past_key_values"]}
+
     def decode(model, steps):
         ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
         with torch.no_grad():
             out = model(ids, use_cache=True)
-            past = out.past_key_values
             nxt = out.logits[:, -1:].argmax(-1)
             t0 = time.perf_counter()
             for _ in range(steps):
-                out = model(nxt, past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = model(nxt, use_cache=True, **cache_of(out))
                 nxt = out.logits[:, -1:].argmax(-1)
             return steps / (time.perf_counter() - t0)
 

@@ -4,6 +4,7 @@ Textual workstation (imported lazily, so batch mode never loads textual)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
+from . import events
 from .errors import CvxqError, ExitCode, InputError, JobCancelled
 from .spec import JobSpec  # plain Python: the option defaults are the spec's
 
@@ -173,31 +175,46 @@ def export_command(
     print(f"wrote {out}")
 
 
+def _exit(code: int) -> None:
+    """sys.exit(code); but while a model load that a cancel abandoned still runs in its thread
+    (pipeline._cancellable, inside from_pretrained), os._exit after flushing: Python's
+    shutdown under that thread can abort in C++ ("terminate called without an active
+    exception", exit status 134) instead of exiting with `code`. What the job keeps is on
+    disk by then; the abandoned load's result was going to be dropped."""
+    if any(t.is_alive() for t in events.abandoned_loads):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    else:
+        sys.exit(code)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
     except JobCancelled as e:
         print(f"stopped: {e}", file=sys.stderr)
-        sys.exit(int(e.exit_code))
+        _exit(int(e.exit_code))
     except CvxqError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(int(e.exit_code))
+        _exit(int(e.exit_code))
     except KeyboardInterrupt:
         print("interrupted; finished layers are kept: rerun with --resume to continue", file=sys.stderr)
-        sys.exit(int(ExitCode.INTERRUPTED))
+        _exit(int(ExitCode.INTERRUPTED))
     except MemoryError:
         print("error: out of memory; finished layers are kept: quantize fewer layers at a time (--include), "
               "lower --calib-samples/--seq-len, or free memory, then rerun with --resume", file=sys.stderr)
-        sys.exit(int(ExitCode.FAILURE))
+        _exit(int(ExitCode.FAILURE))
     except Exception as e:  # click usage errors and anything unexpected
         if isinstance(e, typer.Exit):
-            sys.exit(getattr(e, "exit_code", 0))
+            _exit(getattr(e, "exit_code", 0))
         if isinstance(e, _click_exception_types()):
             e.show()
-            sys.exit(int(ExitCode.USAGE))
+            _exit(int(ExitCode.USAGE))
         if isinstance(e, typer.Abort):
-            sys.exit(int(ExitCode.INTERRUPTED))
+            _exit(int(ExitCode.INTERRUPTED))
         raise
+    _exit(0)
 
 
 def _click_exception_types() -> tuple:

@@ -8,6 +8,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+# Model loads that a cancel left running in their threads (pipeline._cancellable: loading
+# has no cancel points); the CLI looks at them when it exits (cli._exit).
+abandoned_loads: list = []
+
 
 @dataclass
 class StageStarted:

@@ -22,7 +22,7 @@ import torch
 from . import _core, checkpoints, faults
 from .errors import BudgetError, InputError, JobCancelled, OutputError
 from .events import (Allocation, Finished, LayerDone, LayerInfo, LazyList, Log, StageFinished,
-                     StageProgress, StageStarted)
+                     StageProgress, StageStarted, abandoned_loads)
 from .packed import MODEL_FILE, PackedLinear, save_model_file, write_atomic
 from .spec import JobSpec
 
@@ -771,6 +771,7 @@ def _cancellable(fn, cancel, poll_s: float = 0.05):
     while t.is_alive():
         t.join(poll_s)
         if cancel.is_set() and t.is_alive():
+            abandoned_loads[:] = [a for a in abandoned_loads if a.is_alive()] + [t]
             raise JobCancelled("job cancelled while loading the model; nothing was computed yet")
     if "error" in box:
         raise box["error"]

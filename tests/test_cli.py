@@ -340,3 +340,32 @@ def test_out_holding_another_job(job, tmp_path):
         "model.layers.0.self_attn.k_proj"]
     assert json.loads((out / "job.json").read_text())["spec"]["method"] == "rtn"
     assert report["totals"]["model_bytes"] == (out / MODEL_FILE).stat().st_size
+
+
+def test_exit_skips_python_shutdown_while_an_abandoned_load_runs(monkeypatch):
+    # A cancel during loading leaves the load running in its thread (pipeline._cancellable);
+    # Python's shutdown under it can abort in C++ (exit status 134), so the CLI then leaves
+    # with os._exit and the job's own exit code. Without such a thread: a normal sys.exit.
+    import threading
+
+    from cvxq_tui import cli, events
+
+    monkeypatch.setattr(events, "abandoned_loads", [])
+    hard = []
+    monkeypatch.setattr(cli.os, "_exit", lambda code: hard.append(code))
+    with pytest.raises(SystemExit) as e:
+        cli._exit(3)
+    assert e.value.code == 3 and hard == []
+    release = threading.Event()
+    t = threading.Thread(target=release.wait, daemon=True)
+    t.start()
+    events.abandoned_loads.append(t)
+    try:
+        cli._exit(4)  # the patched os._exit returns; the real one does not
+        assert hard == [4]
+    finally:
+        release.set()
+        t.join()
+    with pytest.raises(SystemExit) as e:  # that load has ended since
+        cli._exit(5)
+    assert e.value.code == 5 and hard == [4]

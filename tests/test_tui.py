@@ -277,7 +277,11 @@ def test_cancel_during_load_is_prompt(layout, tmp_path, monkeypatch):
     minute must still end the job within a moment of the cancel, resumable."""
     from cvxq_tui import models
 
-    release = __import__("threading").Event()
+    import threading
+
+    from cvxq_tui import events
+
+    release = threading.Event()
     real_load = models.load_model
 
     def slow_load(*args, **kw):
@@ -304,8 +308,11 @@ def test_cancel_during_load_is_prompt(layout, tmp_path, monkeypatch):
             assert (out / "job.json").is_file() and not (out / "report.json").exists()
     try:
         drive(scenario)
+        assert any(t.is_alive() for t in events.abandoned_loads)  # what cli._exit looks for
     finally:
         release.set()
+        for t in events.abandoned_loads:  # it ends before the test does (else, as the last test
+            t.join(60)                    # of a run, Python's shutdown under it could abort)
 
 
 # -- F5 reuses the preview; measured rate-distortion -------------------------------------------

@@ -86,15 +86,6 @@ class CudaPacked:
         return out
 
 
-def _float32_kwarg() -> dict:
-    """from_config's dtype argument: `dtype` since transformers 4.56 (torch_dtype then warns),
-    torch_dtype before."""
-    import transformers
-    from packaging.version import Version
-
-    return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": torch.float32}
-
-
 class QuantLinear(torch.nn.Module):
     """A Linear whose weight is the packed layer: on the CPU the core's AVX2 kernels on the
     CPU tiling (up to CPU_KERNEL_MAX_BATCH rows), on a GPU the CUDA kernels (up to
@@ -198,7 +189,7 @@ def load_quantized(folder, device: str = "cpu"):
         raise FormatError(f"{folder}/config.json cannot be read ({_brief(e)}); the folder is damaged: "
                           "re-run the job or copy config.json from the original model") from None
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, **_float32_kwarg())
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # as models.py loads
     for name, layer in packed.items():
         try:
             old = model.get_submodule(name)

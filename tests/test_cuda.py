@@ -208,8 +208,9 @@ def test_both_y_window_schemes_of_eight_vectors(max_jobs):
 @pytest.mark.parametrize("case", [(1536, 576, 128, 4), (576, 1536, 64, 8), (300, 80, 96, 8), (2048, 2048, 128, 4)])
 def test_products_where_x_times_scale_passes_float16_range(case):
     # The tensor-core products take x * scale in float16 (largest value 65504). Inputs far
-    # beyond it (all large, so that later batches of a run raise a warp's exponent above what
-    # earlier ones needed) must give the same relative accuracy as ordinary inputs: products
+    # beyond it (all large: the fast kernel redoes every run in float32, and in the general
+    # kernel later units raise a warp's exponent above what earlier ones needed) must give
+    # the same relative accuracy as ordinary inputs: products
     # of x * 2^22 within the float16 bound scaled by 2^22, not inf. Fast kernel (128- and
     # 64-row groups), general kernel (32-row slices, 96-row groups), 1-16 vectors.
     rows, cols, group_rows, max_depth = case

@@ -275,11 +275,9 @@ def test_screens_render(layout, tmp_path, size):
 def test_cancel_during_load_is_prompt(layout, tmp_path, monkeypatch):
     """Loading has no cancel points of its own (from_pretrained): a load that would take a
     minute must still end the job within a moment of the cancel, resumable."""
-    from cvxq_tui import models
-
     import threading
 
-    from cvxq_tui import events
+    from cvxq_tui import events, models
 
     release = threading.Event()
     real_load = models.load_model
